@@ -1,0 +1,171 @@
+"""Typed configuration of `hypo train`, its validation, and loading from YAML/JSON with CLI overrides.
+
+Field names follow TRL where the concept is the same (DESIGN section 4); `kl_coef` is the paper's
+lambda, the weight of the online reverse-KL term, and never shares a name with DPO's `beta`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hypo.models import DEFAULT_MODEL
+
+
+def _help(text: str, default: Any = None, **kw) -> Any:
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class HyPOConfig:
+    """Everything one `hypo train` run needs. Saved as `config.json` beside the results."""
+
+    # --- method -----------------------------------------------------------------------------------------
+    method: Literal["hypo", "dpo"] = _help(
+        "hypo: DPO loss on the offline pairs + kl_coef * reverse KL on fresh policy samples; dpo: offline only.",
+        "hypo")
+    beta: float = _help("DPO temperature beta: implicit reward = beta * (logp_policy - logp_ref).", 0.1)
+    loss_type: Literal["sigmoid", "ipo"] = _help("Offline loss: sigmoid (DPO) or ipo.", "sigmoid")
+    label_smoothing: float = _help("Conservative DPO: assumed label-flip probability (sigmoid loss only).", 0.0)
+    kl_coef: float = _help(
+        "HyPO's lambda: weight of the online reverse-KL term KL(pi || pi_ref) (arXiv 2406.01462).", 0.05)
+    num_generations: int = _help(
+        "k: completions sampled per unlabeled prompt; k >= 2 enables the leave-one-out baseline.", 2)
+    per_device_prompt_batch_size: int = _help("Unlabeled prompts per micro-step for the online KL term.", 4)
+    max_completion_length: int = _help(
+        "Longest completion in tokens: offline completions are truncated to it, samples stop at it.", 64)
+    temperature: float = _help("Sampling temperature of the online samples; must be 1 (samples must come from pi).", 1.0)
+    top_p: float = _help("Nucleus sampling of the online samples; must be 1 for the same reason.", 1.0)
+
+    # --- model ------------------------------------------------------------------------------------------
+    model_name_or_path: str = _help(
+        "Policy to train: a hub id, a local folder, a .gguf file, or the embedded SmolLM2-135M-Instruct.",
+        DEFAULT_MODEL)
+    gguf_file: str | None = _help("GGUF file name inside model_name_or_path (a folder), if the model is GGUF.")
+    ref_model_name_or_path: str | None = _help("Reference model; default: a frozen copy of the initial policy.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _help(
+        "Weights dtype. float32 on CPU (bf16 is slower there); bfloat16 on recent GPUs.", "float32")
+    use_peft: bool = _help("Train LoRA adapters; the reference is then the base model with adapters disabled.", False)
+    lora_r: int = _help("LoRA rank.", 16)
+    lora_alpha: int = _help("LoRA alpha.", 32)
+    lora_dropout: float = _help("LoRA dropout (0 keeps the log-probs deterministic).", 0.0)
+    lora_target_modules: str = _help("Comma-separated module names, or all-linear.", "all-linear")
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory (slower).", False)
+
+    # --- data -------------------------------------------------------------------------------------------
+    task: str = _help("Bundled task used when --dataset is not given (pairs, prompts, eval prompts, judge).",
+                      "reviews")
+    dataset: str | None = _help(
+        "Preference pairs (prompt/chosen/rejected): a .jsonl/.json/.csv/.parquet file, a dataset folder or a hub name.")
+    dataset_split: str = _help("Split of --dataset.", "train")
+    prompts: str | None = _help(
+        "Unlabeled prompts (prompt field) for the online term; default: the task's, or the prompts of --dataset.")
+    prompts_split: str = _help("Split of --prompts.", "train")
+    eval_prompts: str | None = _help("Held-out prompts for the end-of-run evaluation; default: the task's.")
+    judge: str | None = _help("Judge for the win rate (a registered name); default: the task's gold judge.")
+    skip_bad_rows: bool = _help("Drop invalid rows (and log how many) instead of stopping with an error.", False)
+    max_length: int = _help("Longest prompt + completion in tokens for the offline pairs.", 256)
+    max_prompt_length: int = _help("Prompts longer than this keep their last tokens.", 128)
+
+    # --- optimization -----------------------------------------------------------------------------------
+    learning_rate: float = _help("Peak AdamW learning rate.", 1e-5)
+    per_device_train_batch_size: int = _help("Preference pairs per micro-step per process.", 4)
+    gradient_accumulation_steps: int = _help("Micro-steps per optimizer step.", 1)
+    max_steps: int = _help("Optimizer steps; -1 runs num_train_epochs over the pairs.", 40)
+    num_train_epochs: float = _help("Epochs over the pairs when max_steps is -1.", 1.0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _help(
+        "Learning-rate schedule after warmup.", "linear")
+    warmup_ratio: float = _help("Fraction of the steps spent warming the learning rate up from 0.", 0.1)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
+    precompute_ref_log_probs: bool = _help(
+        "Cache the reference log-probs of each offline pair the first time it is seen (the reference is frozen).",
+        True)
+    seed: int = _help("Seed for data order, sampling and initialization.", 42)
+
+    # --- outputs ----------------------------------------------------------------------------------------
+    output_dir: str | None = _help("Where to write config, metrics, checkpoints and the model; default runs/<method>-<time>.")
+    logging_steps: int = _help("Write metrics every N optimizer steps.", 1)
+    save_steps: int = _help("Save a checkpoint every N steps (0: only the final model).", 0)
+    report_to: str = _help("Extra trackers, comma-separated: tensorboard, wandb, trackio, or none.", "none")
+    eval_at_end: bool = _help("Evaluate on the held-out prompts after training.", True)
+    eval_max_prompts: int = _help("Held-out prompts used by the end-of-run evaluation (0: all).", 64)
+    eval_num_samples: int = _help("Completions per held-out prompt in the evaluation.", 2)
+    eval_batch_size: int = _help("Prompts per generation batch in the evaluation.", 16)
+    num_threads: int | None = _help("CPU threads for torch (default: torch's choice).")
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        if self.method == "hypo" and self.num_generations == 1:
+            warnings.warn("num_generations=1: the KL estimator has no baseline (higher variance)", stacklevel=2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _problems(c: HyPOConfig):
+    if c.method not in ("hypo", "dpo"):
+        yield f"method must be 'hypo' or 'dpo', got {c.method!r}"
+    if c.loss_type not in ("sigmoid", "ipo"):
+        yield f"loss_type must be 'sigmoid' or 'ipo', got {c.loss_type!r}"
+    if c.beta <= 0:
+        yield f"beta must be > 0, got {c.beta}"
+    if c.kl_coef < 0:
+        yield f"kl_coef must be >= 0, got {c.kl_coef}"
+    if not 0 <= c.label_smoothing < 0.5:
+        yield f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}"
+    if c.loss_type == "ipo" and c.label_smoothing:
+        yield "label_smoothing applies to the sigmoid loss only"
+    for name in ("num_generations", "per_device_prompt_batch_size", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "max_completion_length", "max_length", "max_prompt_length",
+                 "logging_steps", "eval_num_samples", "eval_batch_size"):
+        if getattr(c, name) < 1:
+            yield f"{name} must be >= 1, got {getattr(c, name)}"
+    if c.max_prompt_length >= c.max_length:
+        yield f"max_prompt_length ({c.max_prompt_length}) must be < max_length ({c.max_length})"
+    if c.method == "hypo" and (c.temperature != 1.0 or c.top_p != 1.0):
+        yield ("temperature and top_p must be 1 for method hypo: the KL term needs samples from the policy "
+               "itself, and a tempered or truncated sampler draws from a different distribution")
+    if c.max_steps == 0 or c.max_steps < -1:
+        yield f"max_steps must be >= 1, or -1 to use num_train_epochs, got {c.max_steps}"
+    if c.max_steps == -1 and c.num_train_epochs <= 0:
+        yield "num_train_epochs must be > 0 when max_steps is -1"
+    if not 0 <= c.warmup_ratio < 1:
+        yield f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}"
+    if c.learning_rate <= 0:
+        yield f"learning_rate must be > 0, got {c.learning_rate}"
+    if c.save_steps < 0 or c.eval_max_prompts < 0:
+        yield "save_steps and eval_max_prompts must be >= 0"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of config fields; unknown keys are an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(HyPOConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    return data
+
+
+def save_config(config: HyPOConfig, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "config.json"
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return path

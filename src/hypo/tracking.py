@@ -1,0 +1,53 @@
+"""One metrics logger for every sink: a JSONL file always, plus accelerate's trackers when asked."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """`log(metrics, step)` writes a JSON line to `metrics.jsonl` (main process only) and forwards the
+    same dictionary to the trackers named in `report_to` (tensorboard, wandb, trackio) through accelerate."""
+
+    def __init__(self, output_dir: str | Path, accelerator, report_to: list[str], config: dict[str, Any]):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        self.trackers = bool(report_to)
+        if self.trackers:
+            accelerator.init_trackers("hypo", config={k: v for k, v in config.items() if v is not None})
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            self.accelerator.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.trackers:
+            self.accelerator.end_training()
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+class StepTimer:
+    """Wall-clock seconds spent in named phases of one step (generation, reference, ...)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
