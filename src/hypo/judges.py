@@ -41,13 +41,40 @@ class Judge(Protocol):
 
 
 POSITIVE_WORDS: frozenset[str] = frozenset(
-    ["amazing", "awesome", "beautiful", "beautifully", "best", "brilliant", "captivating", "charming", "cheerful", "clean", "clever", "comfortable", "compelling", "cozy", "crisp", "delicious", "delight", "delighted", "delightful", "dependable", "easy", "effortless", "elegant", "engaging", "enjoy", "enjoyable", "enjoyed", "enjoying", "excellent", "exceptional", "excited", "exciting", "exquisite", "fabulous", "fantastic", "fascinating", "favorite", "fine", "flawless", "fresh", "fun", "friendly", "generous", "gorgeous", "good", "great", "happy", "heartfelt", "helpful", "impressive", "incredible", "inspiring", "intuitive", "joy", "lovely", "love", "loved", "loves", "lively", "magical", "masterful", "memorable", "marvelous", "moving", "nice", "outstanding", "perfect", "perfectly", "pleasant", "pleasure", "polished", "powerful", "recommend", "recommended", "refreshing", "reliable", "remarkable", "rich", "satisfying", "smooth", "solid", "spectacular", "splendid", "stellar", "stunning", "stylish", "superb", "sweet", "terrific", "thoughtful", "thrilling", "tasty", "unforgettable", "valuable", "vibrant", "warm", "welcoming", "wonderful", "worth", "worthwhile"]
-)
+    [
+        "amazing", "awesome", "beautiful", "beautifully", "best", "brilliant", "captivating", "charming",
+        "cheerful", "clean", "clever", "comfortable", "compelling", "cozy", "crisp", "delicious", "delight",
+        "delighted", "delightful", "dependable", "easy", "effortless", "elegant", "engaging", "enjoy",
+        "enjoyable", "enjoyed", "enjoying", "excellent", "exceptional", "excited", "exciting", "exquisite",
+        "fabulous", "fantastic", "fascinating", "favorite", "fine", "flawless", "fresh", "friendly", "fun",
+        "generous", "good", "gorgeous", "great", "happy", "heartfelt", "helpful", "impressive",
+        "incredible", "inspiring", "intuitive", "joy", "lively", "love", "loved", "lovely", "loves",
+        "magical", "marvelous", "masterful", "memorable", "moving", "nice", "outstanding", "perfect",
+        "perfectly", "pleasant", "pleasure", "polished", "powerful", "recommend", "recommended",
+        "refreshing", "reliable", "remarkable", "rich", "satisfying", "smooth", "solid", "spectacular",
+        "splendid", "stellar", "stunning", "stylish", "superb", "sweet", "tasty", "terrific", "thoughtful",
+        "thrilling", "unforgettable", "valuable", "vibrant", "warm", "welcoming", "wonderful", "worth",
+        "worthwhile"
+    ]
+)  # fmt: skip
 """Positive review words (lowercase, single tokens)."""
 
 NEGATIVE_WORDS: frozenset[str] = frozenset(
-    ["annoying", "apathetic", "awful", "awkward", "bad", "bland", "boring", "broken", "careless", "cheap", "clumsy", "confusing", "cramped", "crude", "dated", "disappointed", "disappointing", "disappointment", "dirty", "dreadful", "dull", "dysfunctional", "expensive", "fail", "failed", "fails", "failure", "faulty", "flat", "flawed", "forgettable", "frustrating", "frustration", "generic", "greasy", "hate", "hated", "horrible", "lackluster", "lazy", "lifeless", "mediocre", "mess", "messy", "miserable", "mistake", "noisy", "overpriced", "overrated", "painful", "pathetic", "pointless", "poor", "poorly", "predictable", "problem", "problems", "regret", "rude", "sad", "shallow", "sloppy", "slow", "soggy", "stale", "stiff", "stupid", "tedious", "terrible", "tired", "tiresome", "ugly", "uncomfortable", "underwhelming", "unfortunately", "unpleasant", "unreliable", "unremarkable", "upset", "useless", "waste", "wasted", "weak", "weird", "worse", "worst", "wrong", "bored", "cliched", "difficult", "flimsy", "hollow", "inconsistent", "lacking", "letdown", "unbearable", "unfunny", "unoriginal"]
-)
+    [
+        "annoying", "apathetic", "awful", "awkward", "bad", "bland", "bored", "boring", "broken",
+        "careless", "cheap", "cliched", "clumsy", "confusing", "cramped", "crude", "dated", "difficult",
+        "dirty", "disappointed", "disappointing", "disappointment", "dismal", "dreadful", "dull",
+        "dysfunctional", "expensive", "fail", "failed", "fails", "failure", "faulty", "flat", "flawed",
+        "flimsy", "forgettable", "frustrating", "frustration", "generic", "greasy", "hate", "hated",
+        "hollow", "horrible", "inconsistent", "lacking", "lackluster", "lazy", "letdown", "lifeless",
+        "mediocre", "mess", "messy", "miserable", "mistake", "noisy", "overpriced", "overrated", "painful",
+        "pathetic", "pointless", "poor", "poorly", "predictable", "problem", "problems", "regret", "rude",
+        "sad", "shallow", "sloppy", "slow", "soggy", "stale", "stiff", "stupid", "tedious", "terrible",
+        "tired", "tiresome", "ugly", "unbearable", "uncomfortable", "underwhelming", "unfortunately",
+        "unfunny", "uninspired", "unoriginal", "unpleasant", "unreliable", "unremarkable", "upset",
+        "useless", "waste", "wasted", "weak", "weird", "worse", "worst", "wrong"
+    ]
+)  # fmt: skip
 """Negative review words (lowercase, single tokens)."""
 
 NEGATORS: frozenset[str] = frozenset({"not", "no", "never", "hardly"})
