@@ -2,8 +2,9 @@
 
 import torch
 
+from conftest import build_model
 from hypo.logprobs import (
-    completion_per_token_logps,
+    completion_logps,
     mask_after_eos,
     position_ids_from_mask,
     selective_log_softmax,
@@ -27,15 +28,25 @@ def test_selective_log_softmax_is_fp32_for_half_inputs():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-def test_completion_logps_use_shifted_logits():
-    """Prompt length 2, completion [4, 1]: token 4 is scored by logits[:, 1], token 1 by logits[:, 2]."""
-    logits = torch.zeros(1, 4, 5)
-    logits[0, 1, 4] = 2.0  # position 1 predicts the first completion token
-    logits[0, 2, 1] = 1.0
-    out = completion_per_token_logps(logits, torch.tensor([[4, 1]]), prompt_length=2)
-    lse1 = torch.logsumexp(torch.tensor([0, 0, 0, 0, 2.0]), 0)
-    lse2 = torch.logsumexp(torch.tensor([0, 1.0, 0, 0, 0]), 0)
-    assert torch.allclose(out, torch.stack([2.0 - lse1, 1.0 - lse2]).unsqueeze(0))
+def test_completion_logps_match_an_unpadded_forward(tiny_tokenizer):
+    """Left-padded prompts and right-padded completions give the same sequence log-probs as scoring each
+    sequence alone: positions skip the padding, and token t is scored by the logits at t - 1."""
+    model = build_model(tiny_tokenizer, seed=2)
+    prompts = [[5, 6, 7], [8, 9]]
+    completions = [[10, 11], [12, 13, 14]]
+    pad = tiny_tokenizer.pad_token_id
+    prompt_ids = torch.tensor([[5, 6, 7], [pad, 8, 9]])
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    completion_ids = torch.tensor([[10, 11, pad], [12, 13, 14]])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    with torch.no_grad():
+        got = completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        expected = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = torch.tensor([prompt + completion])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)  # (T, V)
+            expected.append(sum(logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(completion)))
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
 
 
 def test_sequence_logps_masks_padding():

@@ -53,6 +53,8 @@ def run_train(argv: list[str]) -> int:
 
     config = parse_train_args(argv)
     result = train(config)
+    if not result.is_main_process:
+        return 0
     m = result.final_metrics
     print(f"\nhypo train (method {config.method}): {result.steps} steps in {result.seconds / 60:.1f} min "
           f"({result.seconds / result.steps:.2f} s/step)")

@@ -23,21 +23,6 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
-def completion_per_token_logps(
-    logits: torch.Tensor, completion_ids: torch.Tensor, prompt_length: int
-) -> torch.Tensor:
-    """Log-probs of the completion tokens of `prompt + completion` sequences.
-
-    The logits at position t predict token t + 1, so the completion tokens at positions
-    [P, P + C) are scored by the logits at [P - 1, P + C - 1).
-
-    Shape: logits (B, P + C, V), completion_ids (B, C) -> (B, C)
-    """
-    completion_length = completion_ids.shape[1]
-    scoring_logits = logits[:, prompt_length - 1 : prompt_length - 1 + completion_length]  # (B, C, V)
-    return selective_log_softmax(scoring_logits, completion_ids)
-
-
 def sequence_logps(per_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of token log-probs over the completion, padding masked out.
 

@@ -38,6 +38,7 @@ class RunResult:
     seconds: float
     final_metrics: dict[str, float] = field(default_factory=dict)
     eval: dict[str, Any] | None = None
+    is_main_process: bool = True
 
 
 # --- step math ------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def train(config: HyPOConfig) -> RunResult:
         torch.set_num_threads(config.num_threads)
     report_to = [t for t in config.report_to.split(",") if t.strip() and t.strip() != "none"]
     output_dir = _output_dir(config)
-    accelerator = Accelerator(log_with=report_to or None, project_dir=str(output_dir))
+    accelerator = Accelerator(log_with=report_to or None, project_dir=str(output_dir), cpu=_multi_process_cpu())
     seed_everything(config.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -323,13 +324,22 @@ def train(config: HyPOConfig) -> RunResult:
 
     model_dir = output_dir / "model"
     _save_on_main(accelerator, policy, tokenizer, model_dir)
-    result = RunResult(output_dir, model_dir, total_steps, seconds, final_metrics)
+    result = RunResult(output_dir, model_dir, total_steps, seconds, final_metrics,
+                       is_main_process=accelerator.is_main_process)
     if config.eval_at_end and data.eval_prompts and accelerator.is_main_process:
         result.eval = _final_evaluation(accelerator.unwrap_model(policy), reference, tokenizer, data, config,
                                         output_dir, run_logger, total_steps)
     run_logger.close()
     accelerator.wait_for_everyone()
     return result
+
+
+def _multi_process_cpu() -> bool:
+    """Several processes without a GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
+    host): accelerate then needs cpu=True to set up gloo data parallelism."""
+    import os
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _grad_norm(parameters) -> torch.Tensor:

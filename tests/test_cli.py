@@ -1,0 +1,35 @@
+"""The command line: help lists every option, bad input is a clear error with no traceback."""
+
+import dataclasses
+
+from hypo.cli import main, train_parser
+from hypo.config import HyPOConfig
+
+
+def test_train_help_lists_every_option():
+    text = train_parser().format_help()
+    for f in dataclasses.fields(HyPOConfig):
+        assert f"--{f.name}" in text, f.name
+        assert f.metadata["help"].split()[0] in text
+
+
+def test_top_level_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "hypo train" in capsys.readouterr().out
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_bad_row_is_reported_with_file_row_and_field(tmp_path, tiny_model_dir, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
+    code = main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(pairs), "--method", "dpo",
+                 "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pairs.jsonl: row 2: field 'chosen'" in err and "Traceback" not in err
+
+
+def test_invalid_option_value_is_reported(capsys, tmp_path):
+    assert main(["train", "--beta", "-1", "--output_dir", str(tmp_path)]) == 2
+    assert "beta must be > 0" in capsys.readouterr().err

@@ -1,0 +1,22 @@
+"""Every module imports; the math modules import torch and nothing heavier."""
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import hypo
+
+
+def test_every_module_imports():
+    names = [m.name for m in pkgutil.walk_packages(hypo.__path__, "hypo.")]
+    assert {"hypo.losses", "hypo.logprobs", "hypo.train", "hypo.cli", "hypo.data", "hypo.evaluate"} <= set(names)
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_core_math_imports_only_torch():
+    code = ("import sys, hypo.losses, hypo.logprobs, hypo.sampling; "
+            "print(','.join(m for m in ('transformers', 'accelerate', 'datasets', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""

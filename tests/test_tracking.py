@@ -1,0 +1,30 @@
+"""The metrics logger writes one JSON line per call on the main process; the timer sums phases."""
+
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+
+from hypo.tracking import RunLogger, StepTimer
+
+
+def test_run_logger_writes_jsonl_with_plain_numbers(tmp_path):
+    logger = RunLogger(tmp_path, SimpleNamespace(is_main_process=True), report_to=[], config={})
+    logger.log({"loss": torch.tensor(0.5), "rewards/margins": 1.25}, step=3)
+    logger.log({"loss": 0.25}, step=4)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 3, "loss": 0.5, "rewards/margins": 1.25}, {"step": 4, "loss": 0.25}]
+
+
+def test_run_logger_is_silent_on_other_processes(tmp_path):
+    RunLogger(tmp_path, SimpleNamespace(is_main_process=False), report_to=[], config={}).log({"loss": 1.0}, 1)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_step_timer_accumulates_named_phases():
+    timer = StepTimer()
+    for _ in range(2):
+        with timer("generation"):
+            time.sleep(0.01)
+    assert set(timer.seconds) == {"generation"} and timer.seconds["generation"] >= 0.02
