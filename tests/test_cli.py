@@ -1,6 +1,7 @@
 """The command line: help lists every option, bad input is a clear error with no traceback."""
 
 import dataclasses
+import json
 
 from hypo.cli import main, train_parser
 from hypo.config import HyPOConfig
@@ -33,3 +34,14 @@ def test_bad_row_is_reported_with_file_row_and_field(tmp_path, tiny_model_dir, c
 def test_invalid_option_value_is_reported(capsys, tmp_path):
     assert main(["train", "--beta", "-1", "--output_dir", str(tmp_path)]) == 2
     assert "beta must be > 0" in capsys.readouterr().err
+
+
+def test_eval_command_writes_results(tiny_model_dir, tiny_task, tmp_path, capsys):
+    """The policy is its own reference here, so every log-ratio is exactly 0."""
+    code = main(["eval", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
+                 "--prompts", str(tiny_task["eval_prompts"]), "--judge", "review-sentiment", "--max-prompts", "2",
+                 "--num-samples", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path)])
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval_results.json").read_text())["metrics"]
+    assert metrics["objective/kl"] == 0.0 and metrics["num_completions"] == 4
+    assert "gold win rate" in capsys.readouterr().out

@@ -17,6 +17,12 @@ def test_run_logger_writes_jsonl_with_plain_numbers(tmp_path):
     assert lines == [{"step": 3, "loss": 0.5, "rewards/margins": 1.25}, {"step": 4, "loss": 0.25}]
 
 
+def test_run_logger_starts_a_fresh_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 99}\n')
+    RunLogger(tmp_path, SimpleNamespace(is_main_process=True), report_to=[], config={}).log({"loss": 1.0}, 1)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
 def test_run_logger_is_silent_on_other_processes(tmp_path):
     RunLogger(tmp_path, SimpleNamespace(is_main_process=False), report_to=[], config={}).log({"loss": 1.0}, 1)
     assert not (tmp_path / "metrics.jsonl").exists()

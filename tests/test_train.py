@@ -62,6 +62,15 @@ def test_train_writes_metrics_model_and_evaluation(tiny_model_dir, tiny_task, tm
     assert records[-1]["eval_win_rate"] == evaluation["win_rate"]
 
 
+def test_checkpoints_and_tensorboard(tiny_model_dir, tiny_task, tmp_path):
+    result = train(_config(tiny_model_dir, tiny_task, tmp_path, "ckpt", method="dpo", max_steps=3, save_steps=1,
+                           report_to="tensorboard", eval_at_end=False))
+    for step in (1, 2):
+        AutoModelForCausalLM.from_pretrained(result.output_dir / f"checkpoint-{step}")
+    assert not (result.output_dir / "checkpoint-3").exists()  # the last step is the final model
+    assert list(result.output_dir.rglob("events.out.tfevents.*"))
+
+
 def test_hypo_with_zero_kl_coef_equals_dpo(tiny_model_dir, tiny_task, tmp_path):
     dpo = train(_config(tiny_model_dir, tiny_task, tmp_path, "dpo", method="dpo", eval_at_end=False))
     hypo = train(_config(tiny_model_dir, tiny_task, tmp_path, "hypo0", method="hypo", kl_coef=0.0, eval_at_end=False))
@@ -125,3 +134,13 @@ def test_kl_step_gradient_matches_exact_reverse_kl(tiny_tokenizer):
     assert cosine > 0.95, cosine
     assert 0.8 < (s.norm() / e.norm()).item() < 1.25
     assert metrics["objective/kl"].item() == pytest.approx(exact_kl.item(), rel=0.15)
+
+
+@pytest.mark.slow
+def test_embedded_default_model_trains_and_evaluates(tmp_path):
+    """The real run on the embedded SmolLM2-135M-Instruct and the bundled task, shortened to 2 steps."""
+    result = train(HyPOConfig(max_steps=2, eval_max_prompts=4, eval_num_samples=1, output_dir=str(tmp_path / "real")))
+    metrics = result.eval["metrics"]
+    assert metrics["num_prompts"] == 4 and 0 <= metrics["win_rate"] <= 1
+    assert result.final_metrics["completions/mean_length"] > 0
+    assert AutoModelForCausalLM.from_pretrained(result.model_dir).config.model_type == "llama"

@@ -75,7 +75,7 @@ class HyPOConfig:
     learning_rate: float = _help("Peak AdamW learning rate.", 1e-5)
     per_device_train_batch_size: int = _help("Preference pairs per micro-step per process.", 4)
     gradient_accumulation_steps: int = _help("Micro-steps per optimizer step.", 1)
-    max_steps: int = _help("Optimizer steps; -1 runs num_train_epochs over the pairs.", 40)
+    max_steps: int = _help("Optimizer steps; -1 runs num_train_epochs over the pairs.", 30)
     num_train_epochs: float = _help("Epochs over the pairs when max_steps is -1.", 1.0)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _help(
         "Learning-rate schedule after warmup.", "linear")

@@ -16,6 +16,8 @@ class RunLogger:
     def __init__(self, output_dir: str | Path, accelerator, report_to: list[str], config: dict[str, Any]):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.accelerator = accelerator
+        if accelerator.is_main_process:
+            self.path.write_text("")  # a rerun into the same folder starts a fresh file
         self.trackers = bool(report_to)
         if self.trackers:
             accelerator.init_trackers("hypo", config={k: v for k, v in config.items() if v is not None})
