@@ -96,6 +96,10 @@ class HyPOConfig:
     eval_max_prompts: int = _help("Held-out prompts used by the end-of-run evaluation (0: all).", 64)
     eval_num_samples: int = _help("Completions per held-out prompt in the evaluation.", 2)
     eval_batch_size: int = _help("Prompts per generation batch in the evaluation.", 16)
+    eval_steps: int = _help(
+        "Also evaluate every N optimizer steps during training, on the main process, logged as eval_* (0: off).", 0)
+    eval_max_prompts_during_training: int = _help(
+        "Held-out prompts used by the evaluations every eval_steps (0: as eval_max_prompts).", 16)
     num_threads: int | None = _help("CPU threads for torch (default: torch's choice).")
 
     def __post_init__(self) -> None:
@@ -142,6 +146,8 @@ def _problems(c: HyPOConfig):
         yield f"learning_rate must be > 0, got {c.learning_rate}"
     if c.save_steps < 0 or c.eval_max_prompts < 0:
         yield "save_steps and eval_max_prompts must be >= 0"
+    if c.eval_steps < 0 or c.eval_max_prompts_during_training < 0:
+        yield "eval_steps and eval_max_prompts_during_training must be >= 0"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

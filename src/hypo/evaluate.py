@@ -3,6 +3,10 @@
 Protocol (DESIGN section 3): for each held-out prompt, sample `num_samples` completions from the policy
 and from the reference at temperature 1. The reverse KL is estimated on the policy samples
 (k1 = log pi - log pi_ref, and k3), the judge compares policy sample j with reference sample j.
+The baseline of the comparison may instead be another model's samples, or fixed responses from a
+dataset (one per prompt, compared with each policy sample); the KL is always to the reference.
+Judges: gold judges and reward models score each completion (`judge/*_score` with standard errors,
+win = higher score), pairwise judges (the LLM judge) only compare.
 Uncertainty is taken across prompts (samples of one prompt are not independent): mean +- standard
 error, and a 95% normal interval for the win rate. Ties count as half a win.
 """
@@ -55,60 +59,113 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 
 @torch.no_grad()
-def _score_batch(policy, reference, tokenizer, batch, *, num_samples, max_new_tokens, seed) -> dict[str, Any]:
+def _score_batch(policy, reference, tokenizer, batch, *, num_samples, max_new_tokens, seed, baseline=None,
+                 sample_baseline: bool = True) -> dict[str, Any]:
+    """Sample the policy, score its samples under policy and reference, and (if `sample_baseline`) sample
+    the baseline: the `baseline` model, or the reference when it is None.
+
+    Shape: batch of G prompts -> lists of G * num_samples values (rows [g * k, (g + 1) * k) share prompt g)
+    """
     sample_kwargs = {"num_generations": num_samples, "max_new_tokens": max_new_tokens,
                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     torch.manual_seed(seed)
     samples = generate_completions(policy, prompt_ids, prompt_mask, **sample_kwargs)
     args = (samples.prompt_input_ids, samples.prompt_attention_mask, samples.completion_ids, samples.completion_mask)
-    policy_logps = completion_logps(policy, *args)
+    policy_logps = completion_logps(policy, *args)  # (G * k,)
+    other = None
     with reference.active() as ref_model:
-        ref_logps = completion_logps(ref_model, *args)
+        ref_logps = completion_logps(ref_model, *args)  # (G * k,)
         torch.manual_seed(seed + 1)
-        baseline = generate_completions(ref_model, prompt_ids, prompt_mask, **sample_kwargs)
+        if sample_baseline:
+            model = ref_model if baseline is None else baseline
+            other = generate_completions(model, prompt_ids, prompt_mask, **sample_kwargs)
     estimates = kl_estimates(policy_logps, ref_logps)
-    return {
+    scored = {
         "policy_text": tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True),
-        "reference_text": tokenizer.batch_decode(baseline.completion_ids, skip_special_tokens=True),
         "k1": estimates["k1"].tolist(), "k3": estimates["k3"].tolist(),
         "policy_length": samples.lengths.tolist(), "policy_eos": (~samples.clipped).tolist(),
-        "reference_length": baseline.lengths.tolist(),
     }
+    if other is not None:
+        scored["reference_text"] = tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
+        scored["reference_length"] = other.lengths.tolist()
+    return scored
 
 
-def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge: str | None, num_samples: int,
-                    max_new_tokens: int, batch_size: int, seed: int) -> dict[str, Any]:
-    """Evaluate `policy` against `reference` (a `hypo.models.Reference`) on tokenized prompt items."""
+def _baseline_columns(tokenizer, texts: list[str], num_samples: int) -> dict[str, list]:
+    """Fixed baseline responses (one per prompt) repeated for each of the prompt's samples."""
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]  # + EOS
+    repeat = [i for i in range(len(texts)) for _ in range(num_samples)]
+    return {"reference_text": [texts[i] for i in repeat], "reference_length": [lengths[i] for i in repeat]}
+
+
+def _rows(items: list[dict], start: int, num_samples: int, scored: dict[str, list]) -> list[dict[str, Any]]:
+    """One row per completion: its prompt's index and text, and the scored columns."""
+    rows = []
+    for i in range(len(items) * num_samples):
+        row = {"prompt_index": start + i // num_samples, "prompt": prompt_text(items[i // num_samples]["prompt"])}
+        rows.append({**row, **{key: values[i] for key, values in scored.items()}})
+    return rows
+
+
+def judge_rows(judge, rows: list[dict[str, Any]]) -> None:
+    """Add `win` (1 policy better, 0 baseline better, 0.5 tie) to each row, and `policy_score` /
+    `reference_score` when the judge scores single completions (pairwise judges only compare).
+
+    Judges with `score_batch(prompts, completions)` (reward models) are called once per side.
+    """
+    from hypo.judges import compare, score_all
+
+    prompts = [r["prompt"] for r in rows]
+    if callable(getattr(judge, "score", None)):
+        policy_scores = score_all(judge, prompts, [r["policy_text"] for r in rows])
+        reference_scores = score_all(judge, prompts, [r["reference_text"] for r in rows])
+        for row, a, b in zip(rows, policy_scores, reference_scores, strict=True):
+            row.update(policy_score=a, reference_score=b, win=1.0 if a > b else 0.0 if a < b else 0.5)
+        return
+    for row in rows:
+        row["win"] = compare(judge, row["prompt"], row["policy_text"], row["reference_text"])
+
+
+def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge, num_samples: int,
+                    max_new_tokens: int, batch_size: int, seed: int, baseline=None,
+                    baseline_texts: list[str] | None = None, baseline_name: str = "reference") -> dict[str, Any]:
+    """Evaluate `policy` against `reference` (a `hypo.models.Reference`) on tokenized prompt items.
+
+    The reverse KL is always to the reference. The judge (a registered name, `rm:<path>`, or a judge
+    object) compares each policy sample with a baseline: a sample of the reference (default), of the
+    `baseline` model, or the fixed response `baseline_texts[i]` of prompt i. The global RNG state is
+    restored afterwards, so evaluating during training does not change the training run.
+    """
     from hypo.data import PromptCollator
-    from hypo.judges import compare, get_judge
+    from hypo.judges import get_judge
 
-    judge_impl = get_judge(judge) if judge else None
+    if baseline_texts is not None and len(baseline_texts) != len(prompts):
+        raise ValueError(f"{len(baseline_texts)} baseline responses for {len(prompts)} prompts")
+    judge_impl = get_judge(judge) if isinstance(judge, str) else judge
     collate, device = PromptCollator(tokenizer.pad_token_id), next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
     rows: list[dict[str, Any]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            items = prompts[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(items).items()}
-            scored = _score_batch(policy, reference, tokenizer, batch, num_samples=num_samples,
-                                  max_new_tokens=max_new_tokens, seed=seed + 2 * start)
-            for i in range(len(items) * num_samples):
-                item = items[i // num_samples]
-                row = {"prompt_index": start + i // num_samples, "prompt": prompt_text(item["prompt"]),
-                       **{key: values[i] for key, values in scored.items()}}
-                if judge_impl is not None:
-                    text = row["prompt"]
-                    row["policy_score"] = judge_impl.score(text, row["policy_text"])
-                    row["reference_score"] = judge_impl.score(text, row["reference_text"])
-                    row["win"] = compare(judge_impl, text, row["policy_text"], row["reference_text"])
-                rows.append(row)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for start in range(0, len(prompts), batch_size):
+                items = prompts[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(items).items()}
+                scored = _score_batch(policy, reference, tokenizer, batch, num_samples=num_samples,
+                                      max_new_tokens=max_new_tokens, seed=seed + 2 * start, baseline=baseline,
+                                      sample_baseline=baseline_texts is None)
+                if baseline_texts is not None:
+                    scored.update(_baseline_columns(tokenizer, baseline_texts[start : start + batch_size], num_samples))
+                rows += _rows(items, start, num_samples, scored)
     finally:
         policy.train(was_training)
-    return {"metrics": summarize(rows, judge_impl is not None), "samples": rows,
-            "settings": {"judge": judge, "num_prompts": len(prompts), "num_samples": num_samples,
-                         "max_new_tokens": max_new_tokens, "temperature": 1.0, "seed": seed}}
+    if judge_impl is not None:
+        judge_rows(judge_impl, rows)
+    settings = {"judge": getattr(judge_impl, "name", None), "baseline": baseline_name, "num_prompts": len(prompts),
+                "num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0,
+                "seed": seed}
+    return {"metrics": summarize(rows, judge_impl is not None), "samples": rows, "settings": settings}
 
 
 def _per_prompt_means(rows: list[dict], key: str) -> list[float]:
@@ -124,9 +181,10 @@ def summarize(rows: list[dict], judged: bool) -> dict[str, float]:
     for name, key in (("objective/kl", "k1"), ("objective/kl_k3", "k3"), ("completions/mean_length", "policy_length"),
                       ("completions/eos_rate", "policy_eos"), ("reference/mean_length", "reference_length")):
         metrics[name], metrics[f"{name}_se"] = mean_and_se(_per_prompt_means(rows, key))
-    if judged:
+    if judged and rows and "policy_score" in rows[0]:  # pairwise judges give no scores
         for name, key in (("judge/policy_score", "policy_score"), ("judge/reference_score", "reference_score")):
             metrics[name], metrics[f"{name}_se"] = mean_and_se(_per_prompt_means(rows, key))
+    if judged:
         rate, low, high = win_rate_interval(_per_prompt_means(rows, "win"))
         metrics.update({"win_rate": rate, "win_rate_ci_low": low, "win_rate_ci_high": high,
                         "tie_rate": sum(r["win"] == 0.5 for r in rows) / len(rows)})
@@ -134,7 +192,10 @@ def summarize(rows: list[dict], judged: bool) -> dict[str, float]:
 
 
 def write_eval_results(results: dict[str, Any], output_dir: str | Path) -> Path:
-    """`eval_results.json` (metrics + settings) and `eval_samples.jsonl` (every completion, scored)."""
+    """`eval_results.json` (metrics + settings), `eval_samples.jsonl` (every completion, scored) and
+    `eval_report.md` (the same, for people)."""
+    from hypo.report import eval_report_markdown
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "eval_results.json"
@@ -142,20 +203,43 @@ def write_eval_results(results: dict[str, Any], output_dir: str | Path) -> Path:
     with (output_dir / "eval_samples.jsonl").open("w") as f:
         for row in results["samples"]:
             f.write(json.dumps(row) + "\n")
+    (output_dir / "eval_report.md").write_text(eval_report_markdown(results))
     return path
 
 
-def format_summary(metrics: dict[str, float]) -> list[str]:
+def baseline_responses(rows: list[dict], field: str, source: str) -> list[str]:
+    """The text of `field` in each row (a string, or the content of the last message of a list)."""
+    texts = []
+    for number, row in enumerate(rows, 1):
+        value = row.get(field) if isinstance(row, dict) else None
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            value = value[-1].get("content")
+        if not isinstance(value, str):
+            raise ValueError(f"{source}: row {number}: field {field!r}: expected a response text or message list")
+        texts.append(value)
+    return texts
+
+
+def judge_label(settings: dict[str, Any] | None) -> str:
+    """'gold' for registered judges, 'reward-model' for rm:<path>, 'LLM' for llm:<model>."""
+    name = str((settings or {}).get("judge") or "")
+    return "reward-model" if name.startswith("rm:") else "LLM" if name.startswith("llm:") else "gold"
+
+
+def format_summary(metrics: dict[str, float], settings: dict[str, Any] | None = None) -> list[str]:
     """Human-readable lines: reverse KL with its standard error, win rate with its interval."""
     n = f"{int(metrics['num_prompts'])} prompts, {int(metrics['num_completions'])} completions"
+    baseline = (settings or {}).get("baseline", "reference")
     lines = [f"held-out evaluation ({n}):",
              f"  reverse KL to reference  {metrics['objective/kl']:.3f} +- {metrics['objective/kl_se']:.3f} nats "
              f"(k1; k3 {metrics['objective/kl_k3']:.3f} +- {metrics['objective/kl_k3_se']:.3f})",
              f"  mean completion length   {metrics['completions/mean_length']:.1f} tokens "
-             f"(reference {metrics['reference/mean_length']:.1f}), EOS rate {metrics['completions/eos_rate']:.2f}"]
+             f"({baseline} {metrics['reference/mean_length']:.1f}), EOS rate {metrics['completions/eos_rate']:.2f}"]
     if "win_rate" in metrics:
-        lines.append(f"  gold win rate vs reference  {metrics['win_rate']:.3f} "
-                     f"[{metrics['win_rate_ci_low']:.3f}, {metrics['win_rate_ci_high']:.3f}] 95% CI, "
-                     f"ties {metrics['tie_rate']:.2f}; judge score {metrics['judge/policy_score']:.3f} "
-                     f"vs {metrics['judge/reference_score']:.3f}")
+        line = (f"  {judge_label(settings)} win rate vs {baseline}  {metrics['win_rate']:.3f} "
+                f"[{metrics['win_rate_ci_low']:.3f}, {metrics['win_rate_ci_high']:.3f}] 95% CI, "
+                f"ties {metrics['tie_rate']:.2f}")
+        if "judge/policy_score" in metrics:
+            line += f"; judge score {metrics['judge/policy_score']:.3f} vs {metrics['judge/reference_score']:.3f}"
+        lines.append(line)
     return lines

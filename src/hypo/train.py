@@ -320,6 +320,9 @@ def train(config: HyPOConfig) -> RunResult:
                                   ("loss", "rewards/margins", "objective/kl") if k in final_metrics})
         if config.save_steps and step % config.save_steps == 0 and step < total_steps:
             _save_on_main(accelerator, policy, tokenizer, output_dir / f"checkpoint-{step}")
+        if config.eval_steps and step % config.eval_steps == 0 and data.eval_prompts and \
+                not (step == total_steps and config.eval_at_end):  # the final evaluation covers the last step
+            _periodic_evaluation(accelerator, policy, reference, tokenizer, data, config, run_logger, step)
     seconds = time.perf_counter() - start
 
     model_dir = output_dir / "model"
@@ -373,15 +376,32 @@ def _save_on_main(accelerator, policy, tokenizer, directory: Path) -> None:
         save_model(accelerator.unwrap_model(policy), tokenizer, directory)
 
 
-def _final_evaluation(policy, reference, tokenizer, data: TrainingData, config: HyPOConfig, output_dir: Path,
-                      run_logger: RunLogger, step: int) -> dict[str, Any]:
-    from hypo.evaluate import evaluate_policy, write_eval_results
+def _evaluate(policy, reference, tokenizer, data: TrainingData, config: HyPOConfig, limit: int) -> dict[str, Any]:
+    from hypo.evaluate import evaluate_policy
 
-    prompts = data.eval_prompts[: config.eval_max_prompts] if config.eval_max_prompts else data.eval_prompts
-    results = evaluate_policy(
+    prompts = data.eval_prompts[:limit] if limit else data.eval_prompts
+    return evaluate_policy(
         policy, reference, tokenizer, prompts, judge=data.judge, num_samples=config.eval_num_samples,
         max_new_tokens=config.max_completion_length, batch_size=config.eval_batch_size, seed=config.seed,
     )
+
+
+def _periodic_evaluation(accelerator, policy, reference, tokenizer, data: TrainingData, config: HyPOConfig,
+                         run_logger: RunLogger, step: int) -> None:
+    """Every `eval_steps` steps: the held-out evaluation on the main process, logged as `eval_*` keys;
+    the other processes wait. `evaluate_policy` leaves the training RNG state untouched."""
+    if accelerator.is_main_process:
+        limit = config.eval_max_prompts_during_training or config.eval_max_prompts
+        results = _evaluate(accelerator.unwrap_model(policy), reference, tokenizer, data, config, limit)
+        run_logger.log({f"eval_{k}": v for k, v in results["metrics"].items()}, step)
+    accelerator.wait_for_everyone()
+
+
+def _final_evaluation(policy, reference, tokenizer, data: TrainingData, config: HyPOConfig, output_dir: Path,
+                      run_logger: RunLogger, step: int) -> dict[str, Any]:
+    from hypo.evaluate import write_eval_results
+
+    results = _evaluate(policy, reference, tokenizer, data, config, config.eval_max_prompts)
     write_eval_results(results, output_dir)
     run_logger.log({f"eval_{k}": v for k, v in results["metrics"].items()}, step)
     return results
