@@ -1,0 +1,165 @@
+"""Exact bandit math of the coverage lab: hand-computed KL / reward / win rate, the sampled HyPO gradient
+against the exact KL gradient, DPO under global coverage, and DPO vs HyPO under partial coverage."""
+
+import math
+
+import pytest
+import torch
+
+from hypo.lab.bandit import (
+    Bandit,
+    MethodSpec,
+    Pairs,
+    best_unseen,
+    exact_kl_objective,
+    expected_reward,
+    mass_on,
+    policy_logps,
+    reverse_kl,
+    sample_pairs,
+    sampled_kl_objective,
+    tabular_features,
+    win_rate,
+)
+from hypo.lab.regimes import REGIMES, Sizes, make_bandit, split_regime
+from hypo.lab.training import FullBatchOptimizer, TrainSettings, fit_reward_model, train_policy
+
+torch.set_num_threads(1)
+
+
+def tiny_bandit(ref: list[float], reward: list[float], covered: list[bool]) -> Bandit:
+    """One instance, one context, tabular features."""
+    y = len(ref)
+    return Bandit(tabular_features(1, 1, y), torch.tensor([[ref]], dtype=torch.float64).log(),
+                  torch.tensor([[reward]], dtype=torch.float64), torch.tensor([[covered]]))
+
+
+def test_exact_kl_reward_win_rate_and_masses_by_hand():
+    """ref = [0.5, 0.5], theta = [ln 4, 0] -> pi ∝ [0.5 * 4, 0.5] = [2, 0.5] -> pi = [0.8, 0.2].
+    KL = 0.8 ln(0.8 / 0.5) + 0.2 ln(0.2 / 0.5) = 0.8 * 0.470004 - 0.2 * 0.916291 = 0.192745.
+    r = [1, 0]: E_pi r = 0.8. Win rate vs ref (ties half): 0.8 * (0.5 * 0.5 + 0.5 * 1) + 0.2 * (0.5 * 0 + 0.5 * 0.5)
+    = 0.6 + 0.05 = 0.65. Only y0 is covered: off-support mass = pi(y1) = 0.2 = pi(best unseen)."""
+    bandit = tiny_bandit([0.5, 0.5], [1.0, 0.0], [True, False])
+    logps = policy_logps(torch.tensor([[math.log(4.0), 0.0]], dtype=torch.float64), bandit)
+    assert logps.exp().flatten().tolist() == pytest.approx([0.8, 0.2])
+    assert reverse_kl(logps, bandit.ref_logps).item() == pytest.approx(0.192745, abs=1e-6)
+    assert expected_reward(logps, bandit.reward).item() == pytest.approx(0.8)
+    assert win_rate(logps, bandit.ref_logps, bandit.reward).item() == pytest.approx(0.65)
+    assert mass_on(logps, ~bandit.covered).item() == pytest.approx(0.2)
+    assert best_unseen(bandit).flatten().tolist() == [False, True]
+    assert win_rate(bandit.ref_logps, bandit.ref_logps, bandit.reward).item() == pytest.approx(0.5)
+
+
+def test_sampled_hypo_gradient_matches_exact_kl_gradient_on_average():
+    """2000 copies of one log-linear bandit, each with its own k = 4 samples per context: the mean of the
+    kl_surrogate gradients matches autograd of the exact E_x KL (DESIGN section 2)."""
+    generator = torch.Generator().manual_seed(0)
+    one = make_bandit("linear-identified-bt", 1, generator, Sizes(num_contexts=2, num_responses=6))
+    copies = 2000
+    bandit = Bandit(*(t.expand(copies, *t.shape[1:]) for t in (one.features, one.ref_logps, one.reward, one.covered)))
+    theta0 = torch.randn(1, one.features.shape[-1], dtype=torch.float64, generator=generator)
+    exact_theta = theta0.clone().requires_grad_(True)
+    exact_kl_objective(exact_theta, one).sum().backward()
+    theta = theta0.expand(copies, -1).clone().requires_grad_(True)
+    sampled_kl_objective(theta, bandit, num_generations=4, generator=generator).sum().backward()
+    mean_grad, stderr = theta.grad.mean(0), theta.grad.std(0) / copies**0.5
+    assert exact_theta.grad.abs().max() > 0.1  # a real gradient, not zero
+    assert ((mean_grad - exact_theta.grad[0]).abs() < 4 * stderr + 1e-3).all()
+
+
+def test_dpo_on_global_coverage_recovers_the_bt_optimal_ordering():
+    """All 5 responses covered, 4000 Bradley-Terry pairs: DPO's log-ratios order the responses like the
+    gold reward, and beta * log-ratio differences match reward differences (pi* ∝ pi_ref exp(r / beta))."""
+    generator = torch.Generator().manual_seed(1)
+    reward = [1.0, -0.5, 0.3, 0.0, -1.2]
+    bandit = tiny_bandit([0.1, 0.3, 0.2, 0.25, 0.15], reward, [True] * 5)
+    pairs = sample_pairs(bandit, 4000, labels="bt", generator=generator)
+    theta, _ = train_policy(bandit, pairs, MethodSpec("dpo", beta=1.0), TrainSettings(steps=400, log_every=400))
+    log_ratio = (policy_logps(theta, bandit) - bandit.ref_logps).flatten()
+    assert log_ratio.argsort().tolist() == torch.tensor(reward).argsort().tolist()
+    gaps = log_ratio - log_ratio[3]  # relative to the response with reward 0
+    assert gaps.tolist() == pytest.approx(reward, abs=0.2)
+
+
+def test_partial_coverage_dpo_moves_mass_off_support_and_hypo_bounds_it():
+    """ref = [0.01, 0.5, 0.49], y2 never in the data; pairs: y0 beats y1 8 times, y1 beats y0 twice.
+    DPO's optimum (beta = 1) is theta0 - theta1 = ln 4, and the symmetric gradients give theta = [ln 2, -ln 2]:
+    pi ∝ [0.02, 0.25, 0.49] -> off-support mass 0.49 / 0.76 = 0.6447 (reference: 0.49). Both responses in
+    the data lose probability relative to y2 on net: the DPO loss cannot see y2. HyPO's KL term holds it near 0.49."""
+    bandit = tiny_bandit([0.01, 0.5, 0.49], [1.0, 0.0, -2.0], [True, True, False])
+    chosen = torch.tensor([[0] * 8 + [1] * 2])
+    pairs = Pairs(torch.zeros_like(chosen), chosen, 1 - chosen)
+    settings = TrainSettings(steps=600, learning_rate=0.1, log_every=600)
+    _, dpo = train_policy(bandit, pairs, MethodSpec("dpo", beta=1.0), settings)
+    _, hypo = train_policy(bandit, pairs, MethodSpec("hypo", beta=1.0, kl_coef=1.0), settings)
+    assert dpo["off_support_mass"][0].item() == pytest.approx(0.49)
+    assert dpo["off_support_mass"][-1].item() == pytest.approx(0.49 / 0.76, abs=1e-3)
+    assert dpo["reward_gain"][-1].item() < 0  # the unseen response is the worst one
+    assert hypo["off_support_mass"][-1].item() < 0.55
+    assert hypo["objective/kl"][-1].item() < dpo["objective/kl"][-1].item()
+
+
+def test_rlhf_reaches_the_closed_form_solution():
+    """KL-regularized RLHF with r_hat = w . phi: the optimum is pi_ref exp(r_hat / beta) / Z, theta = w / beta."""
+    generator = torch.Generator().manual_seed(2)
+    bandit = make_bandit("linear-identified-bt", 3, generator, Sizes(num_contexts=2, num_responses=5))
+    w = torch.randn(3, bandit.features.shape[-1], dtype=torch.float64, generator=generator)
+    reward_hat = torch.einsum("ixyd,id->ixy", bandit.features, w)
+    pairs = sample_pairs(bandit, 4, labels="bt", generator=generator)
+    theta, _ = train_policy(bandit, pairs, MethodSpec("rlhf", beta=2.0), TrainSettings(steps=1500, log_every=1500),
+                            reward_hat=reward_hat)
+    assert theta.tolist() == [pytest.approx(row, abs=1e-3) for row in (w / 2.0).tolist()]
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_regimes_cover_as_documented(regime):
+    """Partial coverage never covers the best response; the trap feature is 0 on every covered response."""
+    bandit = make_bandit(regime, 5, torch.Generator().manual_seed(3))
+    structure, _ = split_regime(regime)
+    assert bandit.ref_logps.exp().sum(-1).tolist() == [pytest.approx([1.0] * 4)] * 5
+    if structure == "tabular-global":
+        assert bandit.covered.all()
+    else:
+        assert (bandit.covered.sum(-1) == 8).all()
+    if structure in ("tabular-partial", "linear-identified", "linear-misspec"):
+        best = bandit.reward.argmax(-1, keepdim=True)
+        assert not bandit.covered.gather(-1, best).any()
+    if structure == "linear-trap":
+        assert (bandit.features[..., -1][bandit.covered] == 0).all()
+
+
+def test_trap_hypo_penalizes_the_unseen_feature_dpo_and_rlhf_do_not():
+    """linear-trap: the last feature is 0 on every covered response, so the DPO and Bradley-Terry gradients
+    have no component along it: DPO keeps theta_hidden = 0 and RLHF returns to its optimum w_hat / beta, also 0. HyPO's KL gradient is the covariance
+    under pi of the features with the log-ratio; the hidden feature grows with the extrapolated score, so
+    HyPO learns theta_hidden < 0. DPO also shows the 'both go down' effect: the chosen and rejected
+    log-probs both fall while their margin grows."""
+    generator = torch.Generator().manual_seed(5)
+    bandit = make_bandit("linear-trap-bt", 6, generator)
+    pairs = sample_pairs(bandit, 128, labels="bt", generator=generator)
+    reward_hat = fit_reward_model(bandit, pairs)
+    settings = TrainSettings(steps=300, log_every=300)
+    dpo_theta, dpo = train_policy(bandit, pairs, MethodSpec("dpo", beta=0.3), settings)
+    hypo_theta, _ = train_policy(bandit, pairs, MethodSpec("hypo", beta=0.3, kl_coef=0.1), settings)
+    rlhf_theta, _ = train_policy(bandit, pairs, MethodSpec("rlhf", beta=1.0), settings, reward_hat=reward_hat)
+    assert dpo_theta[:, -1].abs().max() < 1e-6  # its gradient is 0 up to rounding
+    assert rlhf_theta[:, -1].abs().max() < 1e-3  # back near its optimum w_hat / beta, where it is 0
+    assert (hypo_theta[:, -1] < -1).all()
+    chosen, rejected = dpo["logps/chosen"], dpo["logps/rejected"]
+    assert (chosen[-1] < chosen[0]).all() and (rejected[-1] < rejected[0]).all()
+    assert ((chosen[-1] - rejected[-1]) > (chosen[0] - rejected[0])).all()
+
+
+def test_full_batch_adam_first_steps():
+    """Adam's first step is lr * g / |g| per coordinate (bias-corrected m / sqrt(v) = g / |g|): with lr = 0.1
+    and g = [3, -0.5, 0] the parameter moves by [-0.1, +0.1, 0]. Gradient descent moves by -lr * g."""
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimizer = FullBatchOptimizer(theta, lr=0.1)
+    (theta * torch.tensor([3.0, -0.5, 0.0], dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    assert theta.tolist() == pytest.approx([-0.1, 0.1, 0.0])
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    optimizer = FullBatchOptimizer(theta, lr=0.1, kind="gd")
+    (theta * torch.tensor([3.0, -0.5], dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    assert theta.tolist() == pytest.approx([-0.3, 0.05])
