@@ -1,4 +1,4 @@
-"""Command line: `hypo train` and `hypo eval`.
+"""Command line: `hypo train`, `hypo eval` and `hypo report`.
 
 `hypo train` with no arguments fine-tunes the embedded SmolLM2-135M-Instruct with HyPO on the bundled
 task. `hypo train --config run.yaml --beta 0.2` reads the file, then applies the flags on top.
@@ -13,14 +13,17 @@ import sys
 from pathlib import Path
 
 from hypo.config import HyPOConfig, read_config_file
+from hypo.lab import run_lab
 
 USAGE = """hypo: Hybrid Preference Optimization (arXiv 2406.01462) for Hugging Face causal LMs
 
 commands:
   hypo train [--config FILE] [--option value ...]   fine-tune with HyPO (default) or DPO
   hypo eval --model DIR [--reference DIR] [...]     reverse KL and judged win rate on held-out prompts
+  hypo report RUN_DIR [RUN_DIR ...] [--output-dir D] compare runs: a markdown table and plots
+  hypo lab bandit [--quick] [--seed N] [...]         coverage lab: exact bandit DPO / HyPO / RLHF study
 
-`hypo train --help` and `hypo eval --help` list every option.
+`hypo train --help`, `hypo eval --help` and `hypo report --help` list every option.
 """
 
 
@@ -55,7 +58,7 @@ def run_train(argv: list[str]) -> int:
     result = train(config)
     if not result.is_main_process:
         return 0
-    m = result.final_metrics
+    m, settings = result.final_metrics, (result.eval or {}).get("settings")
     print(f"\nhypo train (method {config.method}): {result.steps} steps in {result.seconds / 60:.1f} min "
           f"({result.seconds / result.steps:.2f} s/step)")
     print(f"  model:    {result.model_dir}")
@@ -66,7 +69,7 @@ def run_train(argv: list[str]) -> int:
               + (f", objective/kl {m['objective/kl']:.3f}" if "objective/kl" in m else ""))
     if result.eval:
         print(f"  results:  {result.output_dir / 'eval_results.json'}")
-        for line in format_summary(result.eval["metrics"]):
+        for line in format_summary(result.eval["metrics"], settings):
             print("  " + line)
     return 0
 
@@ -77,44 +80,120 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Trained model: local folder, hub id or .gguf file.")
     p.add_argument("--reference", default=None, help="Reference model (default: the embedded default model).")
     p.add_argument("--prompts", default=None, help="Prompt-only data (default: the bundled task's eval prompts).")
-    p.add_argument("--judge", default=None, help="Registered judge name (default: the bundled task's gold judge).")
+    p.add_argument("--baseline", default=None,
+                   help="Win rate against this model's samples (default: the reference's samples).")
+    p.add_argument("--baseline-dataset", default=None,
+                   help="Win rate against fixed responses: a data file with prompt and --baseline-field "
+                        "(its prompts replace --prompts).")
+    p.add_argument("--baseline-field", default="chosen", help="Response field of --baseline-dataset.")
+    p.add_argument("--judge", default=None, help="A registered judge name (default: the bundled task's gold judge), "
+                   "rm:<reward model folder or hub id>, or llm (an OpenAI-compatible chat endpoint).")
+    p.add_argument("--judge-base-url", default=None, help="--judge llm: the endpoint, e.g. http://localhost:8000/v1.")
+    p.add_argument("--judge-model", default=None, help="--judge llm: the model name sent to the endpoint.")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="--judge llm: environment variable holding the API key (never written anywhere).")
+    p.add_argument("--judge-max-retries", type=int, default=4,
+                   help="--judge llm: retries of a failed request, with exponential backoff from 1 s.")
     p.add_argument("--task", default="reviews", help="Bundled task that supplies default prompts and judge.")
     p.add_argument("--num-samples", type=int, default=2, help="Completions per prompt.")
     p.add_argument("--max-prompts", type=int, default=64, help="Prompts to use (0: all).")
     p.add_argument("--max-new-tokens", type=int, default=64, help="Longest completion.")
     p.add_argument("--max-prompt-length", type=int, default=128, help="Prompts keep their last N tokens.")
     p.add_argument("--batch-size", type=int, default=16, help="Prompts per generation batch.")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--output-dir", default=None, help="Where to write eval_results.json (default: <model>/eval).")
+    p.add_argument("--seed", type=int, default=42, help="Seed of every sample (the same seed gives the same results).")
+    p.add_argument("--output-dir", default=None, help="Where to write eval_results.json, eval_samples.jsonl and "
+                   "eval_report.md (default: <model>/eval).")
     return p
+
+
+def _eval_judge(args, output_dir: Path, default: str | None):
+    """The judge object or name for `hypo eval`; `llm` caches its verdicts in the output folder."""
+    if args.judge != "llm":
+        return args.judge or default
+    from hypo.llm_judge import LLMJudge
+
+    if not args.judge_base_url or not args.judge_model:
+        raise ValueError("--judge llm needs --judge-base-url and --judge-model")
+    return LLMJudge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
+                    cache_path=output_dir / "llm_judge_cache.jsonl", seed=args.seed,
+                    max_retries=args.judge_max_retries)
+
+
+def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
+    """Held-out prompts, and the fixed baseline responses when --baseline-dataset is given."""
+    from hypo.data import load_prompt_data, read_rows, tokenize_prompt_rows
+    from hypo.evaluate import baseline_responses
+
+    if args.baseline_dataset is None:
+        prompts, _ = load_prompt_data(args.prompts or str(task.eval_prompts), tokenizer,
+                                      max_prompt_length=args.max_prompt_length)
+        texts = None
+    else:
+        if args.prompts or args.baseline:
+            raise ValueError("--baseline-dataset supplies the prompts and the baseline: drop --prompts/--baseline")
+        rows = read_rows(args.baseline_dataset)
+        texts = baseline_responses(rows, args.baseline_field, args.baseline_dataset)
+        prompts, _ = tokenize_prompt_rows(rows, tokenizer, source=args.baseline_dataset,
+                                          max_prompt_length=args.max_prompt_length)
+    if args.max_prompts:
+        prompts, texts = prompts[: args.max_prompts], texts[: args.max_prompts] if texts else None
+    return prompts, texts
 
 
 def run_eval(argv: list[str]) -> int:
     import torch
 
-    from hypo.data import load_prompt_data
     from hypo.evaluate import evaluate_policy, format_summary, write_eval_results
-    from hypo.models import Reference, load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.llm_judge import JudgeEndpointError
+    from hypo.models import Reference, freeze, load_causal_lm, load_tokenizer, resolve_model_path
     from hypo.tasks import get_task
 
     args = eval_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     task = get_task(args.task)
     model_path = resolve_model_path(args.model)
+    out = Path(args.output_dir) if args.output_dir else Path(model_path) / "eval"
     tokenizer = load_tokenizer(model_path)
+    prompts, baseline_texts = _eval_prompts(args, task, tokenizer)
+    judge = _eval_judge(args, out, task.judge)
     policy = load_causal_lm(model_path)
     reference = Reference(load_causal_lm(resolve_model_path(args.reference)))
-    prompts, _ = load_prompt_data(args.prompts or str(task.eval_prompts), tokenizer,
-                                  max_prompt_length=args.max_prompt_length)
-    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
-    results = evaluate_policy(policy, reference, tokenizer, prompts, judge=args.judge or task.judge,
-                              num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, seed=args.seed)
-    out = Path(args.output_dir) if args.output_dir else Path(model_path) / "eval"
+    baseline = freeze(load_causal_lm(resolve_model_path(args.baseline))) if args.baseline else None
+    baseline_name = args.baseline or (f"{args.baseline_dataset}:{args.baseline_field}" if baseline_texts else
+                                      "reference")
+    try:
+        results = evaluate_policy(policy, reference, tokenizer, prompts, judge=judge, num_samples=args.num_samples,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                  baseline=baseline, baseline_texts=baseline_texts, baseline_name=baseline_name)
+    except JudgeEndpointError as error:
+        print(f"hypo eval: error: {error}", file=sys.stderr)
+        return 2
+    results["settings"].update(model=args.model, reference=args.reference or "embedded default",
+                               prompts=args.baseline_dataset or args.prompts or str(task.eval_prompts),
+                               max_prompt_length=args.max_prompt_length)
+    if args.judge == "llm":
+        results["settings"].update(judge_base_url=args.judge_base_url, judge_api_key_env=args.judge_api_key_env)
     path = write_eval_results(results, out)
-    for line in format_summary(results["metrics"]):
+    for line in format_summary(results["metrics"], results["settings"]):
         print(line)
-    print(f"results: {path}")
+    print(f"results: {path} (report: {path.parent / 'eval_report.md'})")
+    return 0
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hypo report", description="Compare finished runs: report.md with one "
+                                "table (every number with its uncertainty and sample count) and PNG plots.")
+    p.add_argument("runs", nargs="+", help="Run folders written by hypo train (config.json, metrics.jsonl, ...).")
+    p.add_argument("--output-dir", default="report", help="Where to write report.md and the plots.")
+    return p
+
+
+def run_report(argv: list[str]) -> int:
+    from hypo.report import write_report
+
+    args = report_parser().parse_args(argv)
+    path = write_report(args.runs, args.output_dir)
+    print(f"report: {path}")
     return 0
 
 
@@ -127,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": run_train, "eval": run_eval}
+    commands = {"train": run_train, "eval": run_eval, "report": run_report, "lab": run_lab}
     if command not in commands:
         print(f"hypo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
