@@ -45,3 +45,30 @@ def test_eval_command_writes_results(tiny_model_dir, tiny_task, tmp_path, capsys
     metrics = json.loads((tmp_path / "eval_results.json").read_text())["metrics"]
     assert metrics["objective/kl"] == 0.0 and metrics["num_completions"] == 4
     assert "gold win rate" in capsys.readouterr().out
+
+
+def test_command_line_reexecutes_once_with_tuned_malloc(monkeypatch):
+    """`hypo` re-executes itself with the glibc malloc settings (read only at process start), unless the
+    user chose their own or opted out; calls from Python (`main(argv)`) never re-execute."""
+    import platform
+    import sys
+
+    from hypo import cli
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    monkeypatch.setattr(sys, "argv", ["hypo", "train", "--max_steps", "3"])
+    for key in [*cli.MALLOC_SETTINGS, "HYPO_NO_MALLOC_TUNING"]:
+        monkeypatch.delenv(key, raising=False)
+    cli.reexec_with_tuned_malloc()
+    path, args, env = calls.pop()
+    assert path == sys.executable and args[1:] == ["-m", "hypo.cli", "train", "--max_steps", "3"]
+    assert all(env[k] == v for k, v in cli.MALLOC_SETTINGS.items())
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
+    cli.reexec_with_tuned_malloc()
+    monkeypatch.delenv("MALLOC_TOP_PAD_")
+    monkeypatch.setenv("HYPO_NO_MALLOC_TUNING", "1")
+    cli.reexec_with_tuned_malloc()
+    assert calls == []

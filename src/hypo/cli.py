@@ -197,7 +197,30 @@ def run_report(argv: list[str]) -> int:
     return 0
 
 
+MALLOC_SETTINGS = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
+"""glibc malloc settings that keep large tensor buffers in the heap instead of mapping and faulting them
+in anew on every allocation: CPU training and generation ran several times faster with them."""
+
+
+def reexec_with_tuned_malloc() -> None:
+    """glibc reads its malloc settings only at process start, so the command line re-executes itself once
+    with them (Linux/glibc; skipped when the user set any MALLOC_* variable or HYPO_NO_MALLOC_TUNING=1)."""
+    import platform
+
+    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or os.environ.get("HYPO_NO_MALLOC_TUNING")
+            or any(key in os.environ for key in MALLOC_SETTINGS)):
+        return
+    env = {**os.environ, **MALLOC_SETTINGS}
+    os.execve(sys.executable, [sys.executable, "-m", "hypo.cli", *sys.argv[1:]], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the real command line, not a call from Python
+        reexec_with_tuned_malloc()
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
