@@ -22,22 +22,7 @@ backoff (`backoff_seconds * 2**attempt`); after `max_retries` retries, or on ano
 of (model, template, prompt, first answer, second answer), so an interrupted evaluation resumes without
 asking twice. Only the standard library is used.
 
-The prompt template (`TEMPLATE`):
-
-    You are an impartial judge. Compare two responses to the same user request and decide which one
-    is better: more helpful, accurate, relevant and well written. Ignore the order in which they are
-    shown and their length unless it matters for quality.
-
-    [User request]
-    {prompt}
-
-    [Response A]
-    {answer_a}
-
-    [Response B]
-    {answer_b}
-
-    Answer with exactly one word: A if Response A is better, B if Response B is better, or tie.
+The prompt template is `TEMPLATE` below.
 """
 
 from __future__ import annotations
