@@ -22,8 +22,10 @@ commands:
   hypo eval --model DIR [--reference DIR] [...]     reverse KL and judged win rate on held-out prompts
   hypo report RUN_DIR [RUN_DIR ...] [--output-dir D] compare runs: a markdown table and plots
   hypo lab bandit [--quick] [--seed N] [...]         coverage lab: exact bandit DPO / HyPO / RLHF study
+  hypo lab lm [--seeds 42,43,44] [...]               coverage lab: DPO / HyPO / RLHF on the language model
+  hypo bench [--no-trl] [--output FILE]              seconds per step and peak memory, ours vs TRL
 
-`hypo train --help`, `hypo eval --help` and `hypo report --help` list every option.
+`hypo <command> --help` lists every option.
 """
 
 
@@ -206,6 +208,12 @@ MALLOC_SETTINGS = {
 in anew on every allocation: CPU training and generation ran several times faster with them."""
 
 
+def run_bench(argv: list[str]) -> int:
+    from hypo.bench import run_bench as _run_bench
+
+    return _run_bench(argv)
+
+
 def reexec_with_tuned_malloc() -> None:
     """glibc reads its malloc settings only at process start, so the command line re-executes itself once
     with them (Linux/glibc; skipped when the user set any MALLOC_* variable or HYPO_NO_MALLOC_TUNING=1)."""
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": run_train, "eval": run_eval, "report": run_report, "lab": run_lab}
+    commands = {"train": run_train, "eval": run_eval, "report": run_report, "lab": run_lab, "bench": run_bench}
     if command not in commands:
         print(f"hypo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

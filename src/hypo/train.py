@@ -127,6 +127,7 @@ def kl_step(policy, generator_model, reference, prompt_batch, config: HyPOConfig
         "objective/entropy": -policy_logps.detach().mean(),
         "completions/mean_length": samples.lengths.float().mean(),
         "completions/clipped_ratio": samples.clipped.float().mean(),
+        "completions/max_length": float(samples.completion_ids.shape[1]),  # decoding steps of the batch
     }
     tokens = samples.prompt_attention_mask.sum() + samples.completion_mask.sum()
     return losses.mean(), metrics, tokens

@@ -156,7 +156,9 @@ def load_outcome(run: LMRun, run_dir: Path) -> RunOutcome:
     wall = json.loads((run_dir / "wall_seconds.json").read_text())["wall_seconds"] \
         if (run_dir / "wall_seconds.json").is_file() else math.nan
     config = json.loads((run_dir / "config.json").read_text())
-    return RunOutcome(run, results["metrics"], sorted(set(curve)), _median(steps), wall,
+    note = json.loads((run_dir / "lab_note.json").read_text()) if (run_dir / "lab_note.json").is_file() else {}
+    step_seconds = _median(steps) if note.get("timing_valid", True) else math.nan
+    return RunOutcome(run, results["metrics"], sorted(set(curve)), step_seconds, wall,
                       config.get("reward_model_seconds", 0.0) or 0.0)
 
 
@@ -284,7 +286,7 @@ def collect(config: LMLabConfig, runs_dir: Path, out: Path) -> list[dict[str, An
         outcomes.append(load_outcome(run, run_dir))
         keep = out / "runs" / run.name
         keep.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "metrics.jsonl", "eval_results.json", "wall_seconds.json"):
+        for name in ("config.json", "metrics.jsonl", "eval_results.json", "wall_seconds.json", "lab_note.json"):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, keep / name)
     rows = summary_rows(outcomes)

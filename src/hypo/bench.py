@@ -1,0 +1,438 @@
+"""`hypo bench`: our DPO and HyPO next to TRL's DPOTrainer and RLOOTrainer, in one run.
+
+Every variant trains the same model on the same pairs and prompts with the same batch shape, lengths,
+learning rate and seed, in its own process (so each has its own peak memory, and none slows another),
+one after the other. Each reports the median seconds per optimizer step after warm-up steps and its
+peak resident memory. A first process measures the machine: fp32 matmul FLOP/s, copy bandwidth, one
+decoding step of sampled generation at the online batch size, and a plain forward+backward of the model.
+
+The floor of a step (what the hardware cannot beat): training work 6 x params x tokens and reference work
+2 x params x tokens at the measured matmul rate, plus one read of the weights per decoding step at the
+measured bandwidth. Ratios printed: our DPO / TRL DPO, our HyPO / (TRL DPO + TRL RLOO), HyPO / its floor,
+a decoding step / its weight-read floor, forward+backward FLOP/s / matmul FLOP/s, HyPO / DPO peak memory,
+and HyPO / DPO step time with fewer online prompts per step.
+
+TRL's RLOO does HyPO's online work when its reward is a constant and its KL penalty is on: sample k
+completions per prompt, score them with the reference, and take a policy-gradient step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "BENCH_RESULT "
+TARGETS = {
+    "dpo_vs_trl_dpo": ("<=", 0.8),
+    "hypo_vs_trl_dpo_plus_rloo": ("<=", 0.6),
+    "hypo_vs_floor": ("<=", 1.5),
+    "decode_step_vs_floor": ("<=", 2.0),
+    "forward_backward_vs_matmul": (">=", 0.7),
+    "hypo_vs_dpo_peak_memory": ("<=", 1.2),
+}
+
+
+@dataclass
+class BenchSettings:
+    """The shared workload. Defaults: the default training run's shape (4 pairs, 4 prompts x 2 samples of
+    up to 64 tokens per step) on the embedded SmolLM2-135M-Instruct and the bundled task."""
+
+    model: str | None = None
+    task: str = "reviews"
+    pairs_per_step: int = 4
+    prompts_per_step: int = 4
+    num_generations: int = 2
+    max_completion_length: int = 64
+    max_length: int = 256
+    max_prompt_length: int = 128
+    beta: float = 0.1
+    kl_coef: float = 0.05
+    learning_rate: float = 1e-5
+    seed: int = 42
+    warmup_steps: int = 2
+    measured_steps: int = 5
+    fewer_prompts: tuple[int, ...] = (2, 1)
+    trl: bool = True
+    extra_train_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.measured_steps
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def _median_after_warmup(values: list[float], warmup: int) -> float:
+    kept = values[warmup:] or values
+    return statistics.median(kept)
+
+
+# --- the machine -------------------------------------------------------------------------------------------
+
+
+def measure_matmul(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 matmul FLOP/s (median of `repeats`)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def measure_copy_bandwidth(megabytes: int = 512, repeats: int = 8) -> float:
+    """Bytes read + written per second by a large tensor copy (median of `repeats`)."""
+    import torch
+
+    source = torch.randn(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - start)
+    return 2 * source.numel() * 4 / statistics.median(times)
+
+
+def measure_machine(settings: BenchSettings) -> dict[str, float]:
+    """Matmul rate, copy bandwidth, a decoding step at the online batch size and a plain forward+backward."""
+    import torch
+
+    from hypo.data import PromptCollator, load_prompt_data
+    from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.sampling import sampling_config
+    from hypo.tasks import get_task
+
+    torch.manual_seed(settings.seed)
+    result = {"matmul_flops": measure_matmul(), "copy_bytes_per_second": measure_copy_bandwidth()}
+    path = resolve_model_path(settings.model)
+    tokenizer, model = load_tokenizer(path), load_causal_lm(path)
+    params = sum(p.numel() for p in model.parameters())
+    result["params"] = params
+    result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    items, _ = load_prompt_data(str(get_task(settings.task).prompts), tokenizer,
+                                max_prompt_length=settings.max_prompt_length)
+    batch = PromptCollator(tokenizer.pad_token_id)(items[: settings.prompts_per_step])
+    rows = settings.prompts_per_step * settings.num_generations
+
+    def generate(new_tokens: int) -> float:
+        config = sampling_config(max_new_tokens=new_tokens, num_return_sequences=settings.num_generations,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config.min_new_tokens = new_tokens  # a fixed number of decoding steps
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
+                           generation_config=config)
+        return time.perf_counter() - start
+
+    generate(4)
+    prefill = statistics.median(generate(1) for _ in range(3))
+    full = statistics.median(generate(settings.max_completion_length) for _ in range(2))
+    result["decode_step_seconds"] = (full - prefill) / (settings.max_completion_length - 1)
+    result["decode_batch"] = rows
+    result["decode_step_floor_seconds"] = result["param_bytes"] / result["copy_bytes_per_second"]
+
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (rows, 128))
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    fwd_bwd = _median_after_warmup(times, 1)
+    result["forward_backward_seconds"] = fwd_bwd
+    result["forward_backward_tokens"] = ids.numel()
+    result["forward_backward_flops"] = 6 * params * ids.numel() / fwd_bwd
+    return result
+
+
+# --- our trainer ----------------------------------------------------------------------------------------
+
+
+def run_ours(settings: BenchSettings, method: str, prompts_per_step: int) -> dict[str, Any]:
+    """`hypo.train.train` for warm-up + measured steps; per-step medians from its metrics.jsonl."""
+    from hypo.config import HyPOConfig
+    from hypo.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = {"model_name_or_path": settings.model} if settings.model else {}
+        config = HyPOConfig(
+            method=method, **model, task=settings.task,
+            beta=settings.beta, kl_coef=settings.kl_coef, num_generations=settings.num_generations,
+            per_device_train_batch_size=settings.pairs_per_step, per_device_prompt_batch_size=prompts_per_step,
+            max_completion_length=settings.max_completion_length, max_length=settings.max_length,
+            max_prompt_length=settings.max_prompt_length, learning_rate=settings.learning_rate,
+            max_steps=settings.steps, seed=settings.seed, eval_at_end=False, output_dir=tmp,
+            **settings.extra_train_args)
+        train(config)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "time/step" in r]
+    result: dict[str, Any] = {"steps": len(records)}
+    for key in ("time/step", "time/generation", "time/reference", "time/forward_backward", "time/optimizer"):
+        result[key] = _median_after_warmup([r[key] for r in records], settings.warmup_steps)
+    tokens = [r["throughput/tokens_per_second"] * r["time/step"] for r in records]
+    result["tokens_per_step"] = _median_after_warmup(tokens, settings.warmup_steps)
+    if method == "hypo":
+        result["decode_steps"] = _median_after_warmup([r["completions/max_length"] for r in records],
+                                                      settings.warmup_steps)
+    return result
+
+
+# --- TRL -----------------------------------------------------------------------------------------------
+
+
+def _step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    return StepTimes()
+
+
+def _json_dataset(path: Path, rows: int):
+    from datasets import load_dataset
+
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    return dataset.select(range(min(rows, len(dataset))))
+
+
+def run_trl_dpo(settings: BenchSettings) -> dict[str, Any]:
+    """TRL's DPOTrainer on the same pairs (reference log-probs computed each step, as ours on a first epoch)."""
+    from trl import DPOConfig, DPOTrainer
+
+    from hypo.lab.rlhf import TRL_CPU_SETTINGS
+    from hypo.models import load_tokenizer, resolve_model_path
+    from hypo.tasks import get_task
+
+    path = resolve_model_path(settings.model)
+    timer = _step_timer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=settings.pairs_per_step,
+                         max_steps=settings.steps, learning_rate=settings.learning_rate, beta=settings.beta,
+                         max_length=settings.max_length, seed=settings.seed, logging_steps=1,
+                         precompute_ref_log_probs=False, **TRL_CPU_SETTINGS)
+        trainer = DPOTrainer(model=path, args=args, processing_class=load_tokenizer(path), callbacks=[timer],
+                             train_dataset=_json_dataset(get_task(settings.task).pairs,
+                                                         settings.steps * settings.pairs_per_step))
+        trainer.train()
+    return {"steps": len(timer.times), "time/step": _median_after_warmup(timer.times, settings.warmup_steps)}
+
+
+def constant_reward(completions, **kwargs) -> list[float]:
+    """A reward of 0 for every completion: RLOO's update is then driven by its KL penalty alone."""
+    return [0.0] * len(completions)
+
+
+def run_trl_rloo(settings: BenchSettings) -> dict[str, Any]:
+    """TRL's RLOOTrainer on the same prompts, k, completion length and KL coefficient, constant reward."""
+    import torch
+    from trl import RLOOConfig, RLOOTrainer
+
+    from hypo.lab.rlhf import TRL_CPU_SETTINGS
+    from hypo.models import load_tokenizer, resolve_model_path
+    from hypo.tasks import get_task
+
+    path = resolve_model_path(settings.model)
+    timer = _step_timer()
+    completions = settings.prompts_per_step * settings.num_generations
+    with tempfile.TemporaryDirectory() as tmp:
+        args = RLOOConfig(output_dir=tmp, per_device_train_batch_size=completions, steps_per_generation=1,
+                          num_generations=settings.num_generations, max_steps=settings.steps,
+                          max_completion_length=settings.max_completion_length, beta=settings.kl_coef,
+                          learning_rate=settings.learning_rate, temperature=1.0, top_p=1.0, top_k=0,
+                          seed=settings.seed, logging_steps=1, model_init_kwargs={"dtype": torch.float32},
+                          **TRL_CPU_SETTINGS)
+        trainer = RLOOTrainer(model=path, reward_funcs=constant_reward, args=args, callbacks=[timer],
+                              processing_class=load_tokenizer(path),
+                              train_dataset=_json_dataset(get_task(settings.task).prompts,
+                                                          settings.steps * settings.prompts_per_step))
+        trainer.train()
+    return {"steps": len(timer.times), "time/step": _median_after_warmup(timer.times, settings.warmup_steps)}
+
+
+# --- one variant per process -------------------------------------------------------------------------------
+
+
+def variants(settings: BenchSettings) -> list[str]:
+    names = ["machine", "dpo", "hypo"] + [f"hypo-prompts{n}" for n in settings.fewer_prompts]
+    return names + (["trl-dpo", "trl-rloo"] if settings.trl else [])
+
+
+def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
+    if name == "machine":
+        result = measure_machine(settings)
+    elif name == "dpo":
+        result = run_ours(settings, "dpo", settings.prompts_per_step)
+    elif name == "hypo":
+        result = run_ours(settings, "hypo", settings.prompts_per_step)
+    elif name.startswith("hypo-prompts"):
+        result = run_ours(settings, "hypo", int(name.removeprefix("hypo-prompts")))
+    elif name == "trl-dpo":
+        result = run_trl_dpo(settings)
+    elif name == "trl-rloo":
+        result = run_trl_rloo(settings)
+    else:
+        raise ValueError(f"unknown bench variant {name!r}")
+    result["peak_rss_gb"] = _peak_rss_gb()
+    return result
+
+
+def _spawn(name: str, settings: BenchSettings) -> dict[str, Any]:
+    command = [sys.executable, "-m", "hypo.bench", "--variant", name, "--settings", json.dumps(asdict(settings))]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"bench variant {name} failed (exit {done.returncode}):\n{tail}")
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+# --- ratios ---------------------------------------------------------------------------------------------
+
+
+def hypo_floor_seconds(hypo: dict[str, Any], machine: dict[str, float]) -> float:
+    """Training (6N) and reference (2N) FLOPs of the step's tokens at the matmul rate, plus one weight read
+    per decoding step at the copy bandwidth."""
+    compute = 8 * machine["params"] * hypo["tokens_per_step"] / machine["matmul_flops"]
+    return compute + hypo["decode_steps"] * machine["decode_step_floor_seconds"]
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    machine, dpo, hypo = results["machine"], results["dpo"], results["hypo"]
+    out = {
+        "hypo_vs_floor": hypo["time/step"] / hypo_floor_seconds(hypo, machine),
+        "decode_step_vs_floor": machine["decode_step_seconds"] / machine["decode_step_floor_seconds"],
+        "forward_backward_vs_matmul": machine["forward_backward_flops"] / machine["matmul_flops"],
+        "hypo_vs_dpo_peak_memory": hypo["peak_rss_gb"] / dpo["peak_rss_gb"],
+        "hypo_vs_dpo_step": hypo["time/step"] / dpo["time/step"],
+    }
+    for name, result in results.items():
+        if name.startswith("hypo-prompts"):
+            out[f"{name}_vs_dpo_step"] = result["time/step"] / dpo["time/step"]
+    if "trl-dpo" in results:
+        out["dpo_vs_trl_dpo"] = dpo["time/step"] / results["trl-dpo"]["time/step"]
+    if "trl-dpo" in results and "trl-rloo" in results:
+        out["hypo_vs_trl_dpo_plus_rloo"] = hypo["time/step"] / (
+            results["trl-dpo"]["time/step"] + results["trl-rloo"]["time/step"])
+    return out
+
+
+def _meets(name: str, value: float) -> str:
+    if name not in TARGETS:
+        return ""
+    op, target = TARGETS[name]
+    ok = value <= target if op == "<=" else value >= target
+    return f"{op} {target:g}: {'met' if ok else 'NOT met'}"
+
+
+def markdown(results: dict[str, dict[str, Any]], computed: dict[str, float], settings: BenchSettings) -> str:
+    machine = results["machine"]
+    lines = [
+        f"Workload: {settings.pairs_per_step} pairs + {settings.prompts_per_step} prompts x "
+        f"{settings.num_generations} samples of up to {settings.max_completion_length} tokens per step; "
+        f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps; model "
+        f"{settings.model or 'embedded SmolLM2-135M-Instruct'} ({machine['params'] / 1e6:.1f}M params, fp32).",
+        "",
+        f"Machine: matmul {machine['matmul_flops'] / 1e9:.0f} GFLOP/s, copy {machine['copy_bytes_per_second'] / 1e9:.1f}"
+        f" GB/s; decoding step at batch {machine['decode_batch']}: {machine['decode_step_seconds'] * 1e3:.0f} ms "
+        f"(weight-read floor {machine['decode_step_floor_seconds'] * 1e3:.0f} ms); forward+backward "
+        f"{machine['forward_backward_tokens']} tokens: {machine['forward_backward_seconds']:.2f} s = "
+        f"{machine['forward_backward_flops'] / 1e9:.0f} GFLOP/s.",
+        "",
+        "| variant | s/step | generation | reference | forward+backward | optimizer | peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if name == "machine":
+            continue
+        parts = [f"{r[k]:.2f}" if k in r else "" for k in
+                 ("time/step", "time/generation", "time/reference", "time/forward_backward", "time/optimizer")]
+        lines.append(f"| {name} | " + " | ".join(parts) + f" | {r['peak_rss_gb']:.2f} |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.2f} | {_meets(name, value)} |" for name, value in computed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def bench(settings: BenchSettings, output: Path) -> dict[str, Any]:
+    results = {}
+    for name in variants(settings):
+        print(f"bench: {name} ...", flush=True)
+        results[name] = _spawn(name, settings)
+        print(f"  {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()})}",
+              flush=True)
+    computed = ratios(results)
+    report = {"settings": asdict(settings), "results": results, "ratios": computed,
+              "environment": {"torch_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+                              "malloc_tuned": "MALLOC_MMAP_THRESHOLD_" in os.environ}}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1))
+    output.with_suffix(".md").write_text(markdown(results, computed, settings))
+    return report
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hypo bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="Model (default: the embedded SmolLM2-135M-Instruct).")
+    p.add_argument("--warmup-steps", type=int, default=2, help="Steps not counted.")
+    p.add_argument("--measured-steps", type=int, default=5, help="Steps whose median is reported.")
+    p.add_argument("--no-trl", action="store_true", help="Skip the TRL variants.")
+    p.add_argument("--quick", action="store_true", help="One warm-up and one measured step, completions of 8 tokens "
+                   "(checks the wiring, e.g. on a tiny --model; the numbers mean nothing).")
+    p.add_argument("--output", default="bench/bench_results.json", help="JSON results (a .md table beside it).")
+    p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_bench(argv: list[str]) -> int:
+    args = bench_parser().parse_args(argv)
+    if args.variant:  # a child process: one variant, one JSON line
+        raw = json.loads(args.settings)
+        raw["fewer_prompts"] = tuple(raw["fewer_prompts"])
+        print(RESULT_PREFIX + json.dumps(run_variant(args.variant, BenchSettings(**raw))), flush=True)
+        return 0
+    settings = BenchSettings(model=args.model, warmup_steps=args.warmup_steps, measured_steps=args.measured_steps,
+                             trl=not args.no_trl)
+    if args.quick:
+        settings.warmup_steps, settings.measured_steps, settings.max_completion_length = 1, 1, 8
+        settings.fewer_prompts = (1,)
+    report = bench(settings, Path(args.output))
+    print(Path(args.output).with_suffix(".md").read_text())
+    return 0 if report else 1
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(run_bench(sys.argv[1:]))

@@ -1,0 +1,69 @@
+"""`hypo bench`: the floor and ratio arithmetic, the machine probes, and (slow) the whole command on the
+tiny model."""
+
+import json
+
+import pytest
+
+from hypo.bench import (
+    BenchSettings,
+    hypo_floor_seconds,
+    measure_copy_bandwidth,
+    measure_matmul,
+    ratios,
+    variants,
+)
+from hypo.cli import main
+
+MACHINE = {"params": 1e8, "param_bytes": 4e8, "matmul_flops": 2e11, "copy_bytes_per_second": 1e10,
+           "decode_step_seconds": 0.08, "decode_step_floor_seconds": 0.04, "forward_backward_flops": 1.4e11}
+
+
+def test_hypo_floor_counts_eight_flops_per_param_and_token_plus_one_weight_read_per_decoding_step():
+    hypo = {"tokens_per_step": 1000, "decode_steps": 64}
+    # 8 * 1e8 * 1000 / 2e11 = 4 s of matmul, 64 * 0.04 = 2.56 s of weight reads
+    assert hypo_floor_seconds(hypo, MACHINE) == pytest.approx(4.0 + 2.56)
+
+
+def test_ratios_against_trl_floor_and_memory():
+    results = {
+        "machine": MACHINE,
+        "dpo": {"time/step": 3.0, "peak_rss_gb": 4.0},
+        "hypo": {"time/step": 9.0, "peak_rss_gb": 4.4, "tokens_per_step": 1000, "decode_steps": 64},
+        "hypo-prompts2": {"time/step": 6.0},
+        "trl-dpo": {"time/step": 5.0},
+        "trl-rloo": {"time/step": 10.0},
+    }
+    r = ratios(results)
+    assert r["dpo_vs_trl_dpo"] == pytest.approx(0.6)
+    assert r["hypo_vs_trl_dpo_plus_rloo"] == pytest.approx(9.0 / 15.0)
+    assert r["hypo_vs_floor"] == pytest.approx(9.0 / 6.56)
+    assert r["decode_step_vs_floor"] == pytest.approx(2.0)
+    assert r["forward_backward_vs_matmul"] == pytest.approx(0.7)
+    assert r["hypo_vs_dpo_peak_memory"] == pytest.approx(1.1)
+    assert r["hypo_vs_dpo_step"] == pytest.approx(3.0) and r["hypo-prompts2_vs_dpo_step"] == pytest.approx(2.0)
+    del results["trl-rloo"]
+    assert "hypo_vs_trl_dpo_plus_rloo" not in ratios(results)
+
+
+def test_variants_follow_the_settings():
+    assert variants(BenchSettings(fewer_prompts=(2,), trl=False)) == ["machine", "dpo", "hypo", "hypo-prompts2"]
+    assert variants(BenchSettings())[-2:] == ["trl-dpo", "trl-rloo"]
+
+
+def test_machine_probes_measure_positive_rates():
+    assert measure_matmul(n=256, repeats=3) > 1e8
+    assert measure_copy_bandwidth(megabytes=16, repeats=3) > 1e8
+
+
+@pytest.mark.slow
+def test_bench_command_on_the_tiny_model(tiny_model_dir, tmp_path):
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--model", str(tiny_model_dir), "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert set(report["results"]) == {"machine", "dpo", "hypo", "hypo-prompts1", "trl-dpo", "trl-rloo"}
+    for name in ("dpo", "hypo", "trl-dpo", "trl-rloo"):
+        assert report["results"][name]["time/step"] > 0 and report["results"][name]["peak_rss_gb"] > 0
+    assert report["results"]["hypo"]["decode_steps"] <= 8
+    assert report["ratios"]["dpo_vs_trl_dpo"] > 0 and "hypo_vs_trl_dpo_plus_rloo" in report["ratios"]
+    assert "| ratio | value | target |" in output.with_suffix(".md").read_text()
