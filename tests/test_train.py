@@ -12,7 +12,7 @@ from conftest import build_model
 from hypo.config import HyPOConfig
 from hypo.models import Reference
 from hypo.tracking import StepTimer
-from hypo.train import kl_step, train
+from hypo.train import dpo_step, kl_step, micro_step, train
 
 FAST = {"max_completion_length": 8, "max_length": 64, "max_prompt_length": 32, "per_device_train_batch_size": 2,
         "per_device_prompt_batch_size": 2, "learning_rate": 1e-3, "eval_max_prompts": 2, "eval_batch_size": 2}
@@ -134,6 +134,42 @@ def test_kl_step_gradient_matches_exact_reverse_kl(tiny_tokenizer):
     assert cosine > 0.95, cosine
     assert 0.8 < (s.norm() / e.norm()).item() < 1.25
     assert metrics["objective/kl"].item() == pytest.approx(exact_kl.item(), rel=0.15)
+
+
+def _batches(tiny_tokenizer, tiny_task):
+    from hypo.data import PairCollator, PromptCollator, load_preference_data, load_prompt_data
+
+    pairs, _ = load_preference_data(str(tiny_task["pairs"]), tiny_tokenizer, max_length=64, max_prompt_length=32)
+    prompts, _ = load_prompt_data(str(tiny_task["prompts"]), tiny_tokenizer, max_prompt_length=32)
+    pad = tiny_tokenizer.pad_token_id
+    return PairCollator(pad)(pairs[:3]), PromptCollator(pad)(prompts[:2])
+
+
+def test_split_backward_equals_the_backward_of_the_summed_loss(tiny_tokenizer, tiny_task):
+    """The loop backpropagates the offline term before it samples (lower peak memory): the gradients
+    and the loss must equal those of one backward of loss_dpo + kl_coef * loss_kl."""
+    from accelerate import Accelerator
+
+    pair_batch, prompt_batch = _batches(tiny_tokenizer, tiny_task)
+    config = HyPOConfig(kl_coef=0.7, num_generations=3, max_completion_length=6)
+    reference = Reference(build_model(tiny_tokenizer, seed=1))
+    policy = build_model(tiny_tokenizer, seed=0).train()
+
+    torch.manual_seed(5)
+    loss_dpo, _, _ = dpo_step(policy, reference, pair_batch, config, tiny_tokenizer.pad_token_id, None, StepTimer())
+    loss_kl, _, _ = kl_step(policy, policy, reference, prompt_batch, config, tiny_tokenizer, StepTimer())
+    (loss_dpo + config.kl_coef * loss_kl).backward()
+    summed = {name: p.grad.clone() for name, p in policy.named_parameters()}
+    policy.zero_grad(set_to_none=True)
+
+    torch.manual_seed(5)
+    loss, metrics, _ = micro_step(Accelerator(cpu=True), policy, reference, pair_batch, prompt_batch, config,
+                                  tiny_tokenizer, None, StepTimer(), sync=True)
+    assert loss.item() == pytest.approx((loss_dpo + config.kl_coef * loss_kl).item(), abs=1e-6)
+    assert metrics["loss/kl"].item() == pytest.approx(loss_kl.item(), abs=1e-6)
+    assert any(g.abs().max() > 1e-4 for g in summed.values())  # the comparison is not between zeros
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, summed[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.slow

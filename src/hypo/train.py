@@ -133,6 +133,35 @@ def kl_step(policy, generator_model, reference, prompt_batch, config: HyPOConfig
     return losses.mean(), metrics, tokens
 
 
+def micro_step(accelerator, policy, reference, pair_batch, prompt_batch, config: HyPOConfig, tokenizer, ref_cache,
+               timer: StepTimer, sync: bool):
+    """Forward and backward of one micro-step; gradients accumulate in the policy. Returns the loss
+    (detached), the metrics and the token count.
+
+    HyPO backpropagates the offline term before it samples and builds the online term, so the two
+    terms' activations are never alive together (peak memory max(offline, online), not the sum). The
+    gradient of loss_dpo + kl_coef * loss_kl is the sum of the two backward passes' gradients, and the
+    samples are the same: the offline term draws no random numbers. Under data parallelism only the
+    last backward of the optimizer step synchronizes gradients (`sync`).
+    """
+    pad = tokenizer.pad_token_id
+    synced = nullcontext() if sync else accelerator.no_sync(policy)
+    if prompt_batch is None:  # DPO
+        with synced:
+            loss, metrics, tokens = dpo_step(policy, reference, pair_batch, config, pad, ref_cache, timer)
+            accelerator.backward(loss / config.gradient_accumulation_steps)
+        return loss.detach(), metrics, tokens
+    with accelerator.no_sync(policy):
+        loss_dpo, metrics, tokens = dpo_step(policy, reference, pair_batch, config, pad, ref_cache, timer)
+        accelerator.backward(loss_dpo / config.gradient_accumulation_steps)
+    with synced:
+        loss_kl, kl_metrics, kl_tokens = kl_step(policy, accelerator.unwrap_model(policy), reference, prompt_batch,
+                                                 config, tokenizer, timer)
+        accelerator.backward(config.kl_coef * loss_kl / config.gradient_accumulation_steps)
+    loss = loss_dpo.detach() + config.kl_coef * loss_kl.detach()  # loss_dpo + lambda * loss_kl
+    return loss, {**metrics, **kl_metrics}, tokens + kl_tokens
+
+
 # --- setup ------------------------------------------------------------------------------------------------
 
 
@@ -295,17 +324,10 @@ def train(config: HyPOConfig) -> RunResult:
         sums: dict[str, float] = defaultdict(float)
         tokens = torch.zeros((), device=accelerator.device)
         for micro in range(ga):
-            sync = accelerator.no_sync(policy) if micro < ga - 1 else nullcontext()
-            with sync:
-                loss, metrics, n = dpo_step(policy, reference, next(pairs), config, pad, ref_cache, timer)
-                tokens += n
-                if is_hypo:
-                    loss_kl, kl_metrics, n = kl_step(policy, accelerator.unwrap_model(policy), reference,
-                                                     next(prompts), config, tokenizer, timer)
-                    loss = loss + config.kl_coef * loss_kl  # loss_dpo + lambda * loss_kl
-                    metrics, tokens = {**metrics, **kl_metrics}, tokens + n
-                accelerator.backward(loss / ga)
-            for key, value in {"loss": loss.detach(), **metrics}.items():
+            loss, metrics, n = micro_step(accelerator, policy, reference, next(pairs), next(prompts) if is_hypo else None,
+                                          config, tokenizer, ref_cache, timer, sync=micro == ga - 1)
+            tokens += n
+            for key, value in {"loss": loss, **metrics}.items():
                 sums[key] += float(value) / ga
         with timer("optimizer"):
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm \
