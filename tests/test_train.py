@@ -12,7 +12,7 @@ from conftest import build_model
 from hypo.config import HyPOConfig
 from hypo.models import Reference
 from hypo.tracking import StepTimer
-from hypo.train import dpo_step, kl_step, micro_step, train
+from hypo.train import dpo_step, kl_step, make_optimizer, micro_step, train
 
 FAST = {"max_completion_length": 8, "max_length": 64, "max_prompt_length": 32, "per_device_train_batch_size": 2,
         "per_device_prompt_batch_size": 2, "learning_rate": 1e-3, "eval_max_prompts": 2, "eval_batch_size": 2}
@@ -170,6 +170,25 @@ def test_split_backward_equals_the_backward_of_the_summed_loss(tiny_tokenizer, t
     assert any(g.abs().max() > 1e-4 for g in summed.values())  # the comparison is not between zeros
     for name, p in policy.named_parameters():
         torch.testing.assert_close(p.grad, summed[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_adamw_updates_like_the_default_adamw(tiny_tokenizer):
+    models = [build_model(tiny_tokenizer, seed=0) for _ in range(2)]
+    config = HyPOConfig(learning_rate=1e-2, weight_decay=0.1)
+    fused = make_optimizer(list(models[0].parameters()), config, torch.device("cpu"))
+    plain = torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    start = dict(build_model(tiny_tokenizer, seed=0).named_parameters())
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert not torch.equal(a, start[name])  # the step moved the weights
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
