@@ -10,6 +10,7 @@ from hypo.bench import (
     hypo_floor_seconds,
     measure_copy_bandwidth,
     measure_matmul,
+    measure_read_bandwidth,
     ratios,
     variants,
 )
@@ -54,6 +55,7 @@ def test_variants_follow_the_settings():
 def test_machine_probes_measure_positive_rates():
     assert measure_matmul(n=256, repeats=3) > 1e8
     assert measure_copy_bandwidth(megabytes=16, repeats=3) > 1e8
+    assert measure_read_bandwidth(megabytes=16, repeats=3) > 1e8
 
 
 @pytest.mark.slow

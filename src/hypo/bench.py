@@ -111,6 +111,20 @@ def measure_copy_bandwidth(megabytes: int = 512, repeats: int = 8) -> float:
     return 2 * source.numel() * 4 / statistics.median(times)
 
 
+def measure_read_bandwidth(megabytes: int = 512, repeats: int = 8) -> float:
+    """Bytes read per second by a sum over a large tensor (median of `repeats`): a check on the copy figure."""
+    import torch
+
+    source = torch.randn(megabytes * 2**20 // 4)
+    source.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        source.sum()
+        times.append(time.perf_counter() - start)
+    return source.numel() * 4 / statistics.median(times)
+
+
 def measure_machine(settings: BenchSettings) -> dict[str, float]:
     """Matmul rate, copy bandwidth, a decoding step at the online batch size and a plain forward+backward."""
     import torch
@@ -121,7 +135,8 @@ def measure_machine(settings: BenchSettings) -> dict[str, float]:
     from hypo.tasks import get_task
 
     torch.manual_seed(settings.seed)
-    result = {"matmul_flops": measure_matmul(), "copy_bytes_per_second": measure_copy_bandwidth()}
+    result = {"matmul_flops": measure_matmul(), "copy_bytes_per_second": measure_copy_bandwidth(),
+              "read_bytes_per_second": measure_read_bandwidth()}
     path = resolve_model_path(settings.model)
     tokenizer, model = load_tokenizer(path), load_causal_lm(path)
     params = sum(p.numel() for p in model.parameters())
@@ -364,7 +379,8 @@ def markdown(results: dict[str, dict[str, Any]], computed: dict[str, float], set
         f"{settings.model or 'embedded SmolLM2-135M-Instruct'} ({machine['params'] / 1e6:.1f}M params, fp32).",
         "",
         f"Machine: matmul {machine['matmul_flops'] / 1e9:.0f} GFLOP/s, copy {machine['copy_bytes_per_second'] / 1e9:.1f}"
-        f" GB/s; decoding step at batch {machine['decode_batch']}: {machine['decode_step_seconds'] * 1e3:.0f} ms "
+        f" GB/s (read+write traffic), sum-read {machine.get('read_bytes_per_second', float('nan')) / 1e9:.1f} GB/s;"
+        f" decoding step at batch {machine['decode_batch']}: {machine['decode_step_seconds'] * 1e3:.0f} ms "
         f"(weight-read floor {machine['decode_step_floor_seconds'] * 1e3:.0f} ms); forward+backward "
         f"{machine['forward_backward_tokens']} tokens: {machine['forward_backward_seconds']:.2f} s = "
         f"{machine['forward_backward_flops'] / 1e9:.0f} GFLOP/s.",
