@@ -145,9 +145,11 @@ def _batches(tiny_tokenizer, tiny_task):
     return PairCollator(pad)(pairs[:3]), PromptCollator(pad)(prompts[:2])
 
 
-def test_split_backward_equals_the_backward_of_the_summed_loss(tiny_tokenizer, tiny_task):
-    """The loop backpropagates the offline term before it samples (lower peak memory): the gradients
-    and the loss must equal those of one backward of loss_dpo + kl_coef * loss_kl."""
+@pytest.mark.parametrize("split_backward", [True, False])
+def test_micro_step_equals_the_backward_of_the_summed_loss(tiny_tokenizer, tiny_task, split_backward):
+    """The loop backpropagates the offline term before it samples (lower peak memory; not under
+    DeepSpeed): either way the gradients and the loss must equal one backward of
+    loss_dpo + kl_coef * loss_kl."""
     from accelerate import Accelerator
 
     pair_batch, prompt_batch = _batches(tiny_tokenizer, tiny_task)
@@ -164,7 +166,7 @@ def test_split_backward_equals_the_backward_of_the_summed_loss(tiny_tokenizer, t
 
     torch.manual_seed(5)
     loss, metrics, _ = micro_step(Accelerator(cpu=True), policy, reference, pair_batch, prompt_batch, config,
-                                  tiny_tokenizer, None, StepTimer(), sync=True)
+                                  tiny_tokenizer, None, StepTimer(), sync=True, split_backward=split_backward)
     assert loss.item() == pytest.approx((loss_dpo + config.kl_coef * loss_kl).item(), abs=1e-6)
     assert metrics["loss/kl"].item() == pytest.approx(loss_kl.item(), abs=1e-6)
     assert any(g.abs().max() > 1e-4 for g in summed.values())  # the comparison is not between zeros

@@ -134,32 +134,33 @@ def kl_step(policy, generator_model, reference, prompt_batch, config: HyPOConfig
 
 
 def micro_step(accelerator, policy, reference, pair_batch, prompt_batch, config: HyPOConfig, tokenizer, ref_cache,
-               timer: StepTimer, sync: bool):
+               timer: StepTimer, sync: bool, split_backward: bool = True):
     """Forward and backward of one micro-step; gradients accumulate in the policy. Returns the loss
     (detached), the metrics and the token count.
 
-    HyPO backpropagates the offline term before it samples and builds the online term, so the two
-    terms' activations are never alive together (peak memory max(offline, online), not the sum). The
-    gradient of loss_dpo + kl_coef * loss_kl is the sum of the two backward passes' gradients, and the
-    samples are the same: the offline term draws no random numbers. Under data parallelism only the
-    last backward of the optimizer step synchronizes gradients (`sync`).
+    With `split_backward`, HyPO backpropagates the offline term before it samples and builds the online
+    term, so the two terms' activations are never alive together (peak memory max(offline, online), not
+    the sum). The gradient of loss_dpo + kl_coef * loss_kl is the sum of the two backward passes'
+    gradients, and the samples are the same: the offline term draws no random numbers. DeepSpeed counts
+    backward calls as micro-steps, so there the loop passes split_backward=False (one backward of the
+    sum). Under data parallelism only the last backward of the optimizer step synchronizes (`sync`).
     """
-    pad = tokenizer.pad_token_id
+    ga, pad = config.gradient_accumulation_steps, tokenizer.pad_token_id
     synced = nullcontext() if sync else accelerator.no_sync(policy)
-    if prompt_batch is None:  # DPO
-        with synced:
-            loss, metrics, tokens = dpo_step(policy, reference, pair_batch, config, pad, ref_cache, timer)
-            accelerator.backward(loss / config.gradient_accumulation_steps)
+    is_hypo = prompt_batch is not None
+    with accelerator.no_sync(policy) if is_hypo and split_backward else synced:
+        loss, metrics, tokens = dpo_step(policy, reference, pair_batch, config, pad, ref_cache, timer)
+        if not is_hypo or split_backward:
+            accelerator.backward(loss / ga)
+    if not is_hypo:
         return loss.detach(), metrics, tokens
-    with accelerator.no_sync(policy):
-        loss_dpo, metrics, tokens = dpo_step(policy, reference, pair_batch, config, pad, ref_cache, timer)
-        accelerator.backward(loss_dpo / config.gradient_accumulation_steps)
     with synced:
         loss_kl, kl_metrics, kl_tokens = kl_step(policy, accelerator.unwrap_model(policy), reference, prompt_batch,
                                                  config, tokenizer, timer)
-        accelerator.backward(config.kl_coef * loss_kl / config.gradient_accumulation_steps)
-    loss = loss_dpo.detach() + config.kl_coef * loss_kl.detach()  # loss_dpo + lambda * loss_kl
-    return loss, {**metrics, **kl_metrics}, tokens + kl_tokens
+        online = config.kl_coef * loss_kl
+        accelerator.backward((online if split_backward else loss + online) / ga)
+    total = loss.detach() + online.detach()  # loss_dpo + lambda * loss_kl
+    return total, {**metrics, **kl_metrics}, tokens + kl_tokens
 
 
 # --- setup ------------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def save_model(policy, tokenizer, directory: Path) -> Path:
 
 def train(config: HyPOConfig) -> RunResult:
     """Fine-tune with HyPO or DPO as configured; write config, metrics, the model and its evaluation."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -322,6 +323,7 @@ def train(config: HyPOConfig) -> RunResult:
     ref_cache: dict[int, tuple[float, float]] | None = {} if config.precompute_ref_log_probs else None
     run_logger = RunLogger(output_dir, accelerator, report_to, config.to_dict())
     pairs, prompts = _forever(pair_loader), (_forever(prompt_loader) if is_hypo else None)
+    split_backward = accelerator.distributed_type != DistributedType.DEEPSPEED
 
     policy.train()
     start, final_metrics = time.perf_counter(), {}
@@ -332,7 +334,8 @@ def train(config: HyPOConfig) -> RunResult:
         tokens = torch.zeros((), device=accelerator.device)
         for micro in range(ga):
             loss, metrics, n = micro_step(accelerator, policy, reference, next(pairs), next(prompts) if is_hypo else None,
-                                          config, tokenizer, ref_cache, timer, sync=micro == ga - 1)
+                                          config, tokenizer, ref_cache, timer, sync=micro == ga - 1,
+                                          split_backward=split_backward)
             tokens += n
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] += float(value) / ga
