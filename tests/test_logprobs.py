@@ -1,5 +1,6 @@
 """Tests of token/sequence log-probs, EOS masks and positions, against direct computations."""
 
+import pytest
 import torch
 
 from conftest import build_model
@@ -9,6 +10,7 @@ from hypo.logprobs import (
     position_ids_from_mask,
     selective_log_softmax,
     sequence_logps,
+    shared_prompt_logps,
 )
 
 
@@ -70,3 +72,31 @@ def test_mask_after_eos_accepts_several_eos_ids():
 def test_position_ids_skip_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+@pytest.mark.parametrize("layout", ["pairs", "samples"])
+@pytest.mark.parametrize("completion_length", [1, 5])
+def test_shared_prompt_logps_equal_repeated_prompts_values_and_gradients(tiny_tokenizer, layout, completion_length):
+    """Each prompt run once against its cached keys/values gives the log-probs and gradients of the plain
+    forward over repeated prompts: left-padded prompts, completions padded after an early end."""
+    model = build_model(tiny_tokenizer, seed=0).train()
+    gen = torch.Generator().manual_seed(0)
+    num_prompts, prompt_length, pad = 3, 7, tiny_tokenizer.pad_token_id
+    prompt_mask = torch.ones(num_prompts, prompt_length, dtype=torch.long)
+    prompt_mask[0, :3], prompt_mask[2, :1] = 0, 0
+    prompts = torch.randint(5, 300, (num_prompts, prompt_length), generator=gen).masked_fill(prompt_mask == 0, pad)
+    rows = torch.arange(num_prompts)
+    index = rows.repeat(2) if layout == "pairs" else rows.repeat_interleave(2)  # chosen/rejected or k = 2
+    completion_mask = torch.ones(len(index), completion_length, dtype=torch.long)
+    completion_mask[1, completion_length // 2 + 1:] = 0
+    completions = torch.randint(5, 300, completion_mask.shape, generator=gen).masked_fill(completion_mask == 0, pad)
+
+    plain = completion_logps(model, prompts[index], prompt_mask[index], completions, completion_mask)
+    plain_grads = torch.autograd.grad(plain.sum(), list(model.parameters()))
+    shared = shared_prompt_logps(model, prompts, prompt_mask, index, completions, completion_mask)
+    shared_grads = torch.autograd.grad(shared.sum(), list(model.parameters()))
+
+    assert plain.shape == (2 * num_prompts,) and (plain < 0).all()
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

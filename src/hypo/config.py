@@ -82,6 +82,10 @@ class HyPOConfig:
     warmup_ratio: float = _help("Fraction of the steps spent warming the learning rate up from 0.", 0.1)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
+    share_prompt_forward: bool = _help(
+        "Run each prompt once and score its completions (chosen and rejected, or its k samples) against the "
+        "prompt's cached keys and values: the same log-probs and gradients for less compute. Not used with "
+        "gradient_checkpointing.", True)
     precompute_ref_log_probs: bool = _help(
         "Cache the reference log-probs of each offline pair the first time it is seen (the reference is frozen).",
         True)

@@ -81,3 +81,47 @@ def completion_logps(
     ).logits[:, :-1]  # (B, C, V): position P - 1 + t predicts completion token t
     per_token_logps = selective_log_softmax(logits, completion_ids)  # (B, C)
     return sequence_logps(per_token_logps, completion_mask)
+
+
+def shared_prompt_logps(
+    model,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Sequence log-probs of completions that share prompts, each prompt run once.
+
+    Completion row i continues prompt row `prompt_index[i]` (chosen and rejected share a prompt; so do
+    the k samples of a prompt). A first forward runs the G prompts and keeps their keys and values; a
+    second runs the N completions against those, selected per row. Same values as `completion_logps`
+    on the repeated prompts (up to float rounding), gradients included, with the prompt tokens computed
+    G times instead of N.
+
+    Shape: prompts (G, P), prompt_index (N,) in [0, G), completions (N, C) -> (N,)
+    """
+    prompt_length, completion_length = prompt_input_ids.shape[1], completion_ids.shape[1]
+    attention_mask = torch.cat([prompt_attention_mask[prompt_index], completion_mask], dim=1)  # (N, P + C)
+    positions = position_ids_from_mask(attention_mask)  # (N, P + C), as in completion_logps
+    prompt_out = model(
+        input_ids=prompt_input_ids,
+        attention_mask=prompt_attention_mask,
+        position_ids=position_ids_from_mask(prompt_attention_mask),
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    logits = prompt_out.logits[prompt_index]  # (N, 1, V): the last prompt position predicts completion token 0
+    if completion_length > 1:
+        cache = prompt_out.cache
+        cache.reorder_cache(prompt_index)  # (G, ...) -> (N, ...) rows, differentiable
+        completion_logits = model(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=positions[:, prompt_length:-1],
+            cache=cache,
+            use_cache=True,
+        ).logits  # (N, C - 1, V): completion position t predicts completion token t + 1
+        logits = torch.cat([logits, completion_logits], dim=1)  # (N, C, V)
+    per_token_logps = selective_log_softmax(logits, completion_ids)  # (N, C)
+    return sequence_logps(per_token_logps, completion_mask)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hypo.config import HyPOConfig, save_config
-from hypo.logprobs import completion_logps
+from hypo.logprobs import completion_logps, shared_prompt_logps
 from hypo.losses import dpo_loss, kl_estimates, kl_surrogate
 from hypo.sampling import generate_completions
 from hypo.tracking import RunLogger, StepTimer
@@ -48,8 +48,23 @@ def _pad_right(ids: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(ids, (0, width - ids.shape[1]), value=value)
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs in one forward pass over 2B rows.
+def grouped_completion_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
+                             completion_mask, config: HyPOConfig) -> torch.Tensor:
+    """Log-probs of completions whose prompts are rows `prompt_index` of the prompt batch: each prompt
+    run once (`share_prompt_forward`) or repeated per completion (one forward over full rows).
+
+    Shape: prompts (G, P), prompt_index (N,), completions (N, C) -> (N,)
+    """
+    if config.share_prompt_forward and not config.gradient_checkpointing:
+        return shared_prompt_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
+                                   completion_mask)
+    return completion_logps(model, prompt_input_ids[prompt_index], prompt_attention_mask[prompt_index],
+                            completion_ids, completion_mask)
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], pad_token_id: int,
+               config: HyPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs in one pass over 2B completion rows.
 
     Shape: batch of B pairs -> chosen (B,), rejected (B,)
     """
@@ -58,20 +73,21 @@ def pair_logps(model, batch: dict[str, torch.Tensor], pad_token_id: int) -> tupl
                                 _pad_right(batch["rejected_input_ids"], width, pad_token_id)])  # (2B, C)
     completion_mask = torch.cat([_pad_right(batch["chosen_attention_mask"], width, 0),
                                  _pad_right(batch["rejected_attention_mask"], width, 0)])  # (2B, C)
-    logps = completion_logps(
-        model, batch["prompt_input_ids"].repeat(2, 1), batch["prompt_attention_mask"].repeat(2, 1),
-        completion_ids, completion_mask,
-    )  # (2B,)
+    num_pairs = batch["prompt_input_ids"].shape[0]
+    prompt_index = torch.arange(num_pairs, device=completion_ids.device).repeat(2)  # (2B,): chosen rows, rejected
+    logps = grouped_completion_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                     prompt_index, completion_ids, completion_mask, config)  # (2B,)
     return logps.chunk(2)
 
 
 @torch.no_grad()
-def reference_pair_logps(reference, batch, pad_token_id: int, cache: dict[int, tuple[float, float]] | None):
+def reference_pair_logps(reference, batch, pad_token_id: int, cache: dict[int, tuple[float, float]] | None,
+                         config: HyPOConfig):
     """Reference log-probs of a batch of pairs; with a cache, each pair is scored once per run."""
     indices = batch["index"].tolist()
     if cache is None or any(i not in cache for i in indices):
         with reference.active() as ref_model:
-            chosen, rejected = pair_logps(ref_model, batch, pad_token_id)
+            chosen, rejected = pair_logps(ref_model, batch, pad_token_id, config)
         if cache is None:
             return chosen, rejected
         cache.update({i: (c, r) for i, c, r in zip(indices, chosen.tolist(), rejected.tolist(), strict=True)})
@@ -84,8 +100,8 @@ def reference_pair_logps(reference, batch, pad_token_id: int, cache: dict[int, t
 def dpo_step(policy, reference, batch, config: HyPOConfig, pad_token_id: int, ref_cache, timer: StepTimer):
     """Offline term: DPO (or a variant) on a batch of pairs. Returns the mean loss and its metrics."""
     with timer("reference"):
-        ref_chosen, ref_rejected = reference_pair_logps(reference, batch, pad_token_id, ref_cache)
-    policy_chosen, policy_rejected = pair_logps(policy, batch, pad_token_id)
+        ref_chosen, ref_rejected = reference_pair_logps(reference, batch, pad_token_id, ref_cache, config)
+    policy_chosen, policy_rejected = pair_logps(policy, batch, pad_token_id, config)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
@@ -113,11 +129,14 @@ def kl_step(policy, generator_model, reference, prompt_batch, config: HyPOConfig
             num_generations=config.num_generations, max_new_tokens=config.max_completion_length,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-    sample_args = (samples.prompt_input_ids, samples.prompt_attention_mask,
-                   samples.completion_ids, samples.completion_mask)
+    num_prompts = prompt_batch["prompt_input_ids"].shape[0]
+    prompt_index = torch.arange(num_prompts, device=samples.completion_ids.device).repeat_interleave(
+        config.num_generations)  # (G * k,): rows g * k ... g * k + k - 1 continue prompt g
+    sample_args = (prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"], prompt_index,
+                   samples.completion_ids, samples.completion_mask, config)
     with timer("reference"), torch.no_grad(), reference.active() as ref_model:
-        ref_logps = completion_logps(ref_model, *sample_args)  # (G * k,)
-    policy_logps = completion_logps(policy, *sample_args)  # (G * k,) with grad
+        ref_logps = grouped_completion_logps(ref_model, *sample_args)  # (G * k,)
+    policy_logps = grouped_completion_logps(policy, *sample_args)  # (G * k,) with grad
     losses = kl_surrogate(policy_logps, ref_logps, num_generations=config.num_generations)
     estimates = kl_estimates(policy_logps, ref_logps)
     metrics = {
