@@ -336,8 +336,9 @@ def _spawn(name: str, settings: BenchSettings) -> dict[str, Any]:
 
 
 def hypo_floor_seconds(hypo: dict[str, Any], machine: dict[str, float]) -> float:
-    """Training (6N) and reference (2N) FLOPs of the step's tokens at the matmul rate, plus one weight read
-    per decoding step at the copy bandwidth."""
+    """Training (6N) and reference (2N) FLOPs of the step's distinct tokens (each prompt once) at the
+    matmul rate, plus one read of the weights per decoding step at the copy bandwidth (bytes read and
+    written per second by a large copy)."""
     compute = 8 * machine["params"] * hypo["tokens_per_step"] / machine["matmul_flops"]
     return compute + hypo["decode_steps"] * machine["decode_step_floor_seconds"]
 

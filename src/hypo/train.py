@@ -115,7 +115,8 @@ def dpo_step(policy, reference, batch, config: HyPOConfig, pad_token_id: int, re
         "logps/chosen": policy_chosen.detach().mean(),
         "logps/rejected": policy_rejected.detach().mean(),
     }
-    tokens = batch["prompt_attention_mask"].sum() * 2 + batch["chosen_attention_mask"].sum() + \
+    # distinct tokens (each prompt once): the work a step cannot avoid, whatever the forward layout
+    tokens = batch["prompt_attention_mask"].sum() + batch["chosen_attention_mask"].sum() + \
         batch["rejected_attention_mask"].sum()
     return losses.mean(), metrics, tokens
 
@@ -148,7 +149,7 @@ def kl_step(policy, generator_model, reference, prompt_batch, config: HyPOConfig
         "completions/clipped_ratio": samples.clipped.float().mean(),
         "completions/max_length": float(samples.completion_ids.shape[1]),  # decoding steps of the batch
     }
-    tokens = samples.prompt_attention_mask.sum() + samples.completion_mask.sum()
+    tokens = prompt_batch["prompt_attention_mask"].sum() + samples.completion_mask.sum()  # each prompt once
     return losses.mean(), metrics, tokens
 
 
