@@ -30,8 +30,9 @@ from typing import Any
 METHODS = ("dpo", "hypo", "rlhf")
 CENTER = {"dpo": (0.1, 0.0), "hypo": (0.1, 0.05), "rlhf": (0.0, 0.05)}
 """(beta, kl_coef) of each method's default setting, the one run with every seed."""
-SWEEP = {"dpo": [(0.03, 0.0), (0.3, 0.0)], "hypo": [(0.1, 0.02), (0.1, 0.2)], "rlhf": [(0.0, 0.01), (0.0, 0.2)]}
-"""The other points of each method's frontier (first seed only, to fit the machine-time budget)."""
+SWEEP = {"dpo": [(0.3, 0.0), (0.03, 0.0)], "hypo": [(0.1, 0.2), (0.1, 0.02)], "rlhf": [(0.0, 0.2), (0.0, 0.01)]}
+"""The other points of each method's frontier (first seed only, to fit the machine-time budget), in the
+order they run: every method's first extra point before any method's second."""
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,9 @@ class LMLabConfig:
 
     def runs(self) -> list[LMRun]:
         """Every method's default setting with every seed (seed by seed), then the other sweep points with
-        the first seed."""
+        the first seed (point by point)."""
         grid = [LMRun(m, *CENTER[m], seed) for seed in self.seeds for m in self.methods]
-        grid += [LMRun(m, beta, kl, self.seeds[0]) for m in self.methods for beta, kl in SWEEP[m]]
+        grid += [LMRun(m, *SWEEP[m][i], self.seeds[0]) for i in range(len(SWEEP["dpo"])) for m in self.methods]
         return grid
 
 
