@@ -231,18 +231,19 @@ def plot_kl_curves(outcomes: list[RunOutcome], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    labelled = set()
     for o in outcomes:
-        if len(o.curve) < 2:
+        if len(o.curve) < 3:  # no evaluation during training (runs made before the grid): no curve to draw
             continue
         is_center = o.run.setting[1:] == CENTER[o.run.method]
         steps, kls = zip(*o.curve, strict=True)
+        label = None if o.run.setting in labelled else o.run.name.rsplit("-s", 1)[0]
+        labelled.add(o.run.setting)
         ax.plot(steps, kls, color=COLORS[o.run.method], alpha=0.9 if is_center else 0.45,
-                linestyle="-" if is_center else "--", marker="o", markersize=3,
-                label=o.run.name if not is_center or o.run.seed == min(
-                    x.run.seed for x in outcomes if x.run.setting == o.run.setting) else None)
+                linestyle="-" if is_center else "--", marker="o", markersize=3, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("reverse KL to reference (held-out, k1)")
-    ax.set_title("Reverse KL over training (solid: default setting, all seeds)")
+    ax.set_title("Reverse KL over training (solid: default setting)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
