@@ -2,7 +2,7 @@
 pairs (TRL's RewardTrainer), then KL-regularized RLOO on the unlabeled prompts (TRL's RLOOTrainer),
 with the same model, prompts, batch shape, completion length, learning rate and step budget as HyPO.
 
-TRL is an optional dependency (`pip install hypo[rlhf]`); it is imported only here. The run folder gets
+TRL is an optional dependency (the `trl` extra), imported only here and by `hypo bench`. The run folder gets
 the same files as `hypo train` writes (config.json, metrics.jsonl with `time/step` and periodic `eval_*`
 keys, eval_results.json), so `hypo report` and `hypo lab lm` read it like any other run.
 
