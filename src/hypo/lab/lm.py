@@ -19,6 +19,7 @@ import json
 import math
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -141,36 +142,25 @@ class RunOutcome:
     reward_model_seconds: float = 0.0
 
 
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    if not values:
-        return math.nan
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def load_outcome(run: LMRun, run_dir: Path) -> RunOutcome:
-    results = json.loads((run_dir / "eval_results.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    curve = [(0, 0.0)] + [(r["step"], r["eval_objective/kl"]) for r in records if "eval_objective/kl" in r]
-    steps = [r["time/step"] for r in records if "time/step" in r and r["step"] > 1]
+    from hypo.report import load_run
+
+    loaded = load_run(run_dir)  # config.json, metrics.jsonl, eval_results.json
+    curve = [(0, 0.0)] + [(r["step"], r["eval_objective/kl"]) for r in loaded.records if "eval_objective/kl" in r]
+    steps = [r["time/step"] for r in loaded.records if "time/step" in r and r["step"] > 1]
     wall = json.loads((run_dir / "wall_seconds.json").read_text())["wall_seconds"] \
         if (run_dir / "wall_seconds.json").is_file() else math.nan
-    config = json.loads((run_dir / "config.json").read_text())
     note = json.loads((run_dir / "lab_note.json").read_text()) if (run_dir / "lab_note.json").is_file() else {}
-    step_seconds = _median(steps) if note.get("timing_valid", True) else math.nan
-    return RunOutcome(run, results["metrics"], sorted(set(curve)), step_seconds, wall,
-                      config.get("reward_model_seconds", 0.0) or 0.0)
+    step_seconds = statistics.median(steps) if steps and note.get("timing_valid", True) else math.nan
+    return RunOutcome(run, loaded.eval_metrics, sorted(set(curve)), step_seconds, wall,
+                      loaded.config.get("reward_model_seconds", 0.0) or 0.0)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def summary_rows(outcomes: list[RunOutcome]) -> list[dict[str, Any]]:
