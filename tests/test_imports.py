@@ -10,7 +10,7 @@ import hypo
 
 def test_every_module_imports():
     names = [m.name for m in pkgutil.walk_packages(hypo.__path__, "hypo.")]
-    assert {"hypo.losses", "hypo.logprobs", "hypo.train", "hypo.cli", "hypo.data", "hypo.evaluate"} <= set(names)
+    assert {"hypo.losses", "hypo.logprobs", "hypo.trainer", "hypo.cli", "hypo.data", "hypo.evaluate"} <= set(names)
     for name in names:
         importlib.import_module(name)
 

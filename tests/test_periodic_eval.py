@@ -10,7 +10,7 @@ import torch
 from test_train import _assert_same_weights, _config
 
 from hypo.config import HyPOConfig
-from hypo.train import train
+from hypo.trainer import train
 
 
 def _records(result) -> list[dict]:

@@ -67,7 +67,7 @@ def test_report_on_real_training_runs(tiny_model_dir, tiny_task, tmp_path):
     from PIL import Image
     from test_train import _config
 
-    from hypo.train import train
+    from hypo.trainer import train
 
     runs = [train(_config(tiny_model_dir, tiny_task, tmp_path, method, method=method, max_steps=2, eval_steps=1))
             for method in ("hypo", "dpo")]

@@ -16,7 +16,7 @@ __all__ = ["HyPOConfig", "train", "dpo_loss", "kl_surrogate", "kl_estimates", "l
 
 
 def train(config: HyPOConfig):
-    """Run training as configured; see `hypo.train.train`."""
-    from hypo.train import train as _train
+    """Run training as configured; see `hypo.trainer.train`."""
+    from hypo.trainer import train as _train
 
     return _train(config)

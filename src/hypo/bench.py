@@ -185,7 +185,7 @@ def measure_machine(settings: BenchSettings) -> dict[str, float]:
 def run_ours(settings: BenchSettings, method: str, prompts_per_step: int) -> dict[str, Any]:
     """`hypo.train.train` for warm-up + measured steps; per-step medians from its metrics.jsonl."""
     from hypo.config import HyPOConfig
-    from hypo.train import train
+    from hypo.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
         model = {"model_name_or_path": settings.model} if settings.model else {}

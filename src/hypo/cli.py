@@ -54,7 +54,7 @@ def parse_train_args(argv: list[str]) -> HyPOConfig:
 
 def run_train(argv: list[str]) -> int:
     from hypo.evaluate import format_summary
-    from hypo.train import train
+    from hypo.trainer import train
 
     config = parse_train_args(argv)
     result = train(config)

@@ -585,3 +585,59 @@ class PairCollator(PromptCollator):
             batch[f"{name}_input_ids"] = ids
             batch[f"{name}_attention_mask"] = mask
         return batch
+
+
+# --- the data of one training run ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    pairs: list[dict]
+    prompts: list[dict] | None  # unlabeled prompts for the online term (HyPO only)
+    eval_prompts: list[dict] | None
+    judge: str | None
+
+
+def load_training_data(config, tokenizer: PreTrainedTokenizerBase, *, with_prompts: bool) -> TrainingData:
+    """Pairs, unlabeled prompts (`with_prompts`: the online term needs them) and held-out prompts of a
+    `HyPOConfig`: the bundled task's unless the user gives them."""
+    pairs_source, prompts_source, eval_source, judge = config.dataset, config.prompts, config.eval_prompts, config.judge
+    if pairs_source is None:
+        from hypo.tasks import get_task
+
+        task = get_task(config.task)
+        pairs_source, judge = str(task.pairs), judge or task.judge
+        prompts_source = prompts_source or str(task.prompts)
+        eval_source = eval_source or str(task.eval_prompts)
+    lengths = {"max_prompt_length": config.max_prompt_length, "skip_bad_rows": config.skip_bad_rows}
+    pairs, _ = load_preference_data(pairs_source, tokenizer, split=config.dataset_split, max_length=config.max_length,
+                                    max_completion_length=config.max_completion_length, **lengths)
+    prompts = None
+    if with_prompts and prompts_source:
+        prompts, _ = load_prompt_data(prompts_source, tokenizer, split=config.prompts_split, **lengths)
+    elif with_prompts:
+        prompts, _ = tokenize_prompt_rows(prompts_from_preference_rows(pairs), tokenizer, source=pairs_source,
+                                          **lengths)
+    eval_prompts = load_prompt_data(eval_source, tokenizer, **lengths)[0] if eval_source else None
+    return TrainingData(pairs, prompts, eval_prompts, judge)
+
+
+def shuffled_loader(items: list[dict], batch_size: int, collate_fn, seed: int, what: str):
+    """A DataLoader over full batches in a seeded random order."""
+    from torch.utils.data import DataLoader
+
+    if len(items) < batch_size:
+        raise ValueError(f"{len(items)} {what} is fewer than one batch of {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+                      generator=generator)
+
+
+def batches_forever(loader):
+    """Endless batches, reshuffled every epoch."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1

@@ -172,3 +172,20 @@ class Reference:
         if self.model is not None:
             self.model.to(device)
         return self
+
+
+def load_policy_and_reference(config):
+    """Tokenizer, trainable policy, and the frozen reference of a `HyPOConfig`."""
+    policy_path = resolve_model_path(config.model_name_or_path, config.gguf_file)
+    tokenizer = load_tokenizer(policy_path)
+    policy = load_causal_lm(policy_path, config.dtype)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if config.use_peft:
+        if config.ref_model_name_or_path:
+            raise ValueError("use_peft takes the base model as the reference; drop ref_model_name_or_path")
+        policy = add_lora(policy, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          target_modules=config.lora_target_modules)
+        return tokenizer, policy, Reference(peft_policy=policy)
+    ref_path = resolve_model_path(config.ref_model_name_or_path) if config.ref_model_name_or_path else policy_path
+    return tokenizer, policy, Reference(load_causal_lm(ref_path, config.dtype))

@@ -11,19 +11,22 @@ from typing import Any
 
 class RunLogger:
     """`log(metrics, step)` writes a JSON line to `metrics.jsonl` (main process only) and forwards the
-    same dictionary to the trackers named in `report_to` (tensorboard, wandb, trackio) through accelerate."""
+    same dictionary to the trackers named in `report_to` (tensorboard, wandb, trackio) through accelerate.
+    Without an accelerator (one process, e.g. a run driven by another trainer) it writes the file only."""
 
-    def __init__(self, output_dir: str | Path, accelerator, report_to: list[str], config: dict[str, Any]):
+    def __init__(self, output_dir: str | Path, accelerator=None, report_to: list[str] | None = None,
+                 config: dict[str, Any] | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.accelerator = accelerator
-        if accelerator.is_main_process:
+        self.is_main_process = accelerator is None or accelerator.is_main_process
+        if self.is_main_process:
             self.path.write_text("")  # a rerun into the same folder starts a fresh file
-        self.trackers = bool(report_to)
+        self.trackers = bool(report_to) and accelerator is not None
         if self.trackers:
-            accelerator.init_trackers("hypo", config={k: v for k, v in config.items() if v is not None})
+            accelerator.init_trackers("hypo", config={k: v for k, v in (config or {}).items() if v is not None})
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.accelerator.is_main_process:
+        if not self.is_main_process:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
@@ -45,6 +48,11 @@ class StepTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+
+    def reset(self) -> StepTimer:
+        """Start a new step: forget the phases of the last one."""
+        self.seconds = {}
+        return self
 
     @contextmanager
     def __call__(self, name: str):

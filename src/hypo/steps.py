@@ -1,0 +1,158 @@
+"""The two terms of one micro-step (DESIGN section 2), as functions of a batch and the run's fixed context.
+
+`dpo_step` is the offline term on preference pairs; `kl_step` samples k completions per unlabeled
+prompt from the current policy and builds the REINFORCE surrogate of KL(pi || pi_ref) with a
+leave-one-out baseline (arXiv 2406.01462, Algorithm 1). Each returns a `Term`: the mean loss (with
+grad), its metrics and the number of distinct tokens it processed. Backward passes, gradient sync and
+the optimizer belong to the loop (`hypo.trainer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hypo.config import HyPOConfig
+from hypo.logprobs import completion_logps, shared_prompt_logps
+from hypo.losses import dpo_loss, kl_estimates, kl_surrogate
+from hypo.models import Reference
+from hypo.sampling import generate_completions
+from hypo.tracking import StepTimer
+
+
+@dataclass
+class StepContext:
+    """What every step reads and no step changes: the models, the settings and the reference cache."""
+
+    policy: torch.nn.Module  # as prepared by accelerate (DDP wrapper etc.): gradients flow through it
+    sampler: torch.nn.Module  # the module `generate` runs on: the unwrapped policy, same weights
+    reference: Reference
+    config: HyPOConfig
+    pad_token_id: int
+    eos_token_id: int | list[int]
+    share_prompt: bool  # score completions against each prompt's cached keys/values (see logprobs)
+    ref_cache: dict[int, tuple[float, float]] | None  # reference log-probs of offline pairs by row index
+    timer: StepTimer = field(default_factory=StepTimer)
+
+
+@dataclass
+class Term:
+    """One term of the loss for one micro-batch."""
+
+    loss: torch.Tensor  # () mean over the micro-batch, with grad
+    metrics: dict[str, torch.Tensor | float]
+    tokens: torch.Tensor  # () distinct tokens (each prompt once): the work a step cannot avoid
+
+
+def grouped_completion_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
+                             completion_mask, *, share_prompt: bool) -> torch.Tensor:
+    """Log-probs of completions whose prompts are rows `prompt_index` of the prompt batch: each prompt
+    run once (`share_prompt`) or repeated per completion (one forward over full rows).
+
+    Shape: prompts (G, P), prompt_index (N,), completions (N, C) -> (N,)
+    """
+    if share_prompt:
+        return shared_prompt_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
+                                   completion_mask)
+    return completion_logps(model, prompt_input_ids[prompt_index], prompt_attention_mask[prompt_index],
+                            completion_ids, completion_mask)
+
+
+def _pad_right(ids: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(ids, (0, width - ids.shape[1]), value=value)
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], *, pad_token_id: int,
+               share_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs in one pass over 2B completion rows.
+
+    Shape: batch of B pairs -> chosen (B,), rejected (B,)
+    """
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    completion_ids = torch.cat([_pad_right(batch["chosen_input_ids"], width, pad_token_id),
+                                _pad_right(batch["rejected_input_ids"], width, pad_token_id)])  # (2B, C)
+    completion_mask = torch.cat([_pad_right(batch["chosen_attention_mask"], width, 0),
+                                 _pad_right(batch["rejected_attention_mask"], width, 0)])  # (2B, C)
+    num_pairs = batch["prompt_input_ids"].shape[0]
+    prompt_index = torch.arange(num_pairs, device=completion_ids.device).repeat(2)  # (2B,): chosen rows, rejected
+    logps = grouped_completion_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                     prompt_index, completion_ids, completion_mask, share_prompt=share_prompt)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_pair_logps(ctx: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of a batch of pairs; with a cache, each pair is scored once per run."""
+    indices, cache = batch["index"].tolist(), ctx.ref_cache
+    if cache is None or any(i not in cache for i in indices):
+        with ctx.reference.active() as ref_model:
+            chosen, rejected = pair_logps(ref_model, batch, pad_token_id=ctx.pad_token_id,
+                                          share_prompt=ctx.share_prompt)
+        if cache is None:
+            return chosen, rejected
+        cache.update({i: (c, r) for i, c, r in zip(indices, chosen.tolist(), rejected.tolist(), strict=True)})
+    device = batch["index"].device
+    chosen = torch.tensor([cache[i][0] for i in indices], device=device)
+    rejected = torch.tensor([cache[i][1] for i in indices], device=device)
+    return chosen, rejected
+
+
+def dpo_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Term:
+    """Offline term: DPO (or a variant) on a batch of pairs."""
+    config = ctx.config
+    with ctx.timer("reference"):
+        ref_chosen, ref_rejected = reference_pair_logps(ctx, batch)
+    policy_chosen, policy_rejected = pair_logps(ctx.policy, batch, pad_token_id=ctx.pad_token_id,
+                                                share_prompt=ctx.share_prompt)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+    )
+    metrics = {
+        "loss/dpo": losses.detach().mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+    tokens = batch["prompt_attention_mask"].sum() + batch["chosen_attention_mask"].sum() + \
+        batch["rejected_attention_mask"].sum()
+    return Term(losses.mean(), metrics, tokens)
+
+
+def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
+    """Online term: sample k completions per prompt from the current policy and build the REINFORCE
+    surrogate of KL(pi || pi_ref) with a leave-one-out baseline (arXiv 2406.01462, Algorithm 1)."""
+    k = ctx.config.num_generations
+    with ctx.timer("generation"):
+        samples = generate_completions(
+            ctx.sampler, prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
+            num_generations=k, max_new_tokens=ctx.config.max_completion_length,
+            eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
+        )
+    num_prompts = prompt_batch["prompt_input_ids"].shape[0]
+    prompt_index = torch.arange(num_prompts, device=samples.completion_ids.device).repeat_interleave(k)
+    # (G * k,): rows g * k ... g * k + k - 1 continue prompt g
+    sample_args = (prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"], prompt_index,
+                   samples.completion_ids, samples.completion_mask)
+    with ctx.timer("reference"), torch.no_grad(), ctx.reference.active() as ref_model:
+        ref_logps = grouped_completion_logps(ref_model, *sample_args, share_prompt=ctx.share_prompt)  # (G * k,)
+    policy_logps = grouped_completion_logps(ctx.policy, *sample_args, share_prompt=ctx.share_prompt)  # with grad
+    losses = kl_surrogate(policy_logps, ref_logps, num_generations=k)
+    estimates = kl_estimates(policy_logps, ref_logps)
+    metrics = {
+        "loss/kl": losses.detach().mean(),
+        "objective/kl": estimates["k1"].mean(),
+        "objective/kl_k2": estimates["k2"].mean(),
+        "objective/kl_k3": estimates["k3"].mean(),
+        "objective/entropy": -policy_logps.detach().mean(),
+        "completions/mean_length": samples.lengths.float().mean(),
+        "completions/clipped_ratio": samples.clipped.float().mean(),
+        "completions/max_length": float(samples.completion_ids.shape[1]),  # decoding steps of the batch
+    }
+    tokens = prompt_batch["prompt_attention_mask"].sum() + samples.completion_mask.sum()  # each prompt once
+    return Term(losses.mean(), metrics, tokens)

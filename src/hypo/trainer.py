@@ -1,0 +1,209 @@
+"""The training loop: DPO on offline pairs, plus (HyPO) the online reverse-KL term on fresh samples.
+
+Algorithm 1 of Song et al., arXiv 2406.01462: each optimizer step takes a batch of preference pairs
+and, for HyPO, samples `num_generations` completions from the current policy for a batch of unlabeled
+prompts, then minimizes  loss_dpo + kl_coef * loss_kl  (DESIGN section 2). The step math is in
+`hypo.steps`; model and data loading, saving and evaluation live in their own modules. The loop runs
+unchanged on one CPU, one GPU or many processes under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hypo.config import HyPOConfig, save_config
+from hypo.steps import StepContext, dpo_step, kl_step
+from hypo.tracking import RunLogger
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    model_dir: Path
+    steps: int
+    seconds: float
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, Any] | None = None
+    is_main_process: bool = True
+
+
+def make_optimizer(parameters: list[torch.nn.Parameter], config: HyPOConfig, device: torch.device):
+    """AdamW; the fused kernel on CPU and CUDA (one pass over the parameters: 0.29 s -> 0.09 s per step for
+    135M parameters on 2 CPU cores, same update within float tolerance), the default elsewhere."""
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, **fused)
+
+
+def runs_one_backward(accelerator, online: bool) -> bool:
+    """DeepSpeed counts backward calls as micro-steps: there HyPO runs one backward of the summed loss
+    instead of one per term."""
+    from accelerate import DistributedType
+
+    return online and accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def gradient_sync(accelerator, model, sync: bool):
+    """Under data parallelism, gradients are all-reduced only in the backward passes run with sync=True
+    (the last of an optimizer step); elsewhere this is a no-op."""
+    return nullcontext() if sync else accelerator.no_sync(model)
+
+
+def train(config: HyPOConfig) -> RunResult:
+    """Fine-tune with HyPO or DPO as configured; write config, metrics, the model and its evaluation."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from hypo.checkpoints import save_model
+    from hypo.data import PairCollator, PromptCollator, batches_forever, load_training_data, shuffled_loader
+    from hypo.evaluate import evaluate_during_training
+    from hypo.models import load_policy_and_reference
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    online = config.method == "hypo"  # the one place the method decides what runs
+    output_dir = _output_dir(config)
+    trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
+    accelerator = Accelerator(log_with=trackers or None, project_dir=str(output_dir), cpu=_multi_process_cpu())
+    seed_everything(config.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir)
+
+    tokenizer, policy, reference = load_policy_and_reference(config)
+    data = load_training_data(config, tokenizer, with_prompts=online)
+    pair_loader = shuffled_loader(data.pairs, config.per_device_train_batch_size, PairCollator(tokenizer.pad_token_id),
+                                  config.seed, "pairs")
+    ga = config.gradient_accumulation_steps
+    total_steps = config.max_steps if config.max_steps > 0 else \
+        max(1, math.ceil(config.num_train_epochs * len(pair_loader) / accelerator.num_processes / ga))
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, config, accelerator.device)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    policy, optimizer, pair_loader = accelerator.prepare(policy, optimizer, pair_loader)
+    pairs = batches_forever(pair_loader)
+    if online:
+        prompt_loader = shuffled_loader(data.prompts, config.per_device_prompt_batch_size,
+                                        PromptCollator(tokenizer.pad_token_id), config.seed + 1, "prompts")
+        prompts = batches_forever(accelerator.prepare(prompt_loader))
+    reference.to(accelerator.device)
+    ctx = StepContext(policy=policy, sampler=accelerator.unwrap_model(policy), reference=reference, config=config,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      share_prompt=config.share_prompt_forward and not config.gradient_checkpointing,
+                      ref_cache={} if config.precompute_ref_log_probs else None)
+    one_backward = runs_one_backward(accelerator, online)
+    run_logger = RunLogger(output_dir, accelerator, trackers, config.to_dict())
+
+    policy.train()
+    start, final_metrics = time.perf_counter(), {}
+    progress = tqdm(range(1, total_steps + 1), desc=config.method, disable=not accelerator.is_local_main_process)
+    for step in progress:
+        timer, step_start = ctx.timer.reset(), time.perf_counter()
+        sums: dict[str, float] = defaultdict(float)
+        tokens = torch.zeros((), device=accelerator.device)
+        for micro in range(ga):
+            last_micro = micro == ga - 1
+            # 1. offline term on a batch of pairs, backpropagated at once: its activations are freed
+            #    before sampling starts (peak memory is the larger term, not the sum)
+            with gradient_sync(accelerator, policy, sync=last_micro and not online):
+                offline = dpo_step(ctx, next(pairs))
+                if not one_backward:
+                    accelerator.backward(offline.loss / ga)
+            loss, metrics, tokens = offline.loss.detach(), offline.metrics, tokens + offline.tokens
+            # 2. (HyPO) online term: k fresh samples per prompt from the current policy
+            if online:
+                with gradient_sync(accelerator, policy, sync=last_micro):
+                    kl = kl_step(ctx, next(prompts))
+                    online_loss = config.kl_coef * kl.loss  # loss = loss_dpo + lambda * loss_kl
+                    accelerator.backward((offline.loss + online_loss if one_backward else online_loss) / ga)
+                loss, metrics, tokens = loss + online_loss.detach(), {**metrics, **kl.metrics}, tokens + kl.tokens
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] += float(value) / ga
+        # 3. one optimizer step on the accumulated gradient
+        with timer("optimizer"):
+            grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm \
+                else _grad_norm(trainable)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step_seconds = time.perf_counter() - step_start
+        if step % config.logging_steps == 0 or step == total_steps:
+            final_metrics = _step_metrics(accelerator, sums, grad_norm, scheduler, tokens, timer.seconds, step_seconds)
+            run_logger.log(final_metrics, step)
+            progress.set_postfix({k.split("/")[-1]: f"{final_metrics[k]:.3g}" for k in
+                                  ("loss", "rewards/margins", "objective/kl") if k in final_metrics})
+        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            save_model(accelerator, policy, tokenizer, output_dir / f"checkpoint-{step}")
+        if config.eval_steps and step % config.eval_steps == 0 and data.eval_prompts and \
+                not (step == total_steps and config.eval_at_end):  # the final evaluation covers the last step
+            evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step)
+    seconds = time.perf_counter() - start
+
+    model_dir = output_dir / "model"
+    save_model(accelerator, policy, tokenizer, model_dir)
+    result = RunResult(output_dir, model_dir, total_steps, seconds, final_metrics,
+                       is_main_process=accelerator.is_main_process)
+    if config.eval_at_end and data.eval_prompts:
+        result.eval = evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger,
+                                               total_steps, final=True, output_dir=output_dir)
+    run_logger.close()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    """Determinism in one place: Python, NumPy and torch seeds (dropout is disabled at load time,
+    the reference is frozen in eval mode)."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def _output_dir(config: HyPOConfig) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir)
+    return Path("runs") / f"{config.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _multi_process_cpu() -> bool:
+    """Several processes without a GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
+    host): accelerate then needs cpu=True to set up gloo data parallelism."""
+    import os
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _grad_norm(parameters) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _step_metrics(accelerator, sums, grad_norm, scheduler, tokens, phase_seconds: dict[str, float],
+                  step_seconds: float) -> dict[str, float]:
+    """Average the step's metrics over processes and add learning rate, gradient norm and timing."""
+    keys = sorted(sums)
+    values = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean")
+    total_tokens = accelerator.reduce(tokens.float(), "sum")
+    metrics = dict(zip(keys, values.tolist(), strict=True))
+    metrics.update({
+        "learning_rate": scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "time/step": step_seconds,
+        "time/generation": phase_seconds.get("generation", 0.0),
+        "time/reference": phase_seconds.get("reference", 0.0),
+        "time/optimizer": phase_seconds.get("optimizer", 0.0),
+        "time/forward_backward": step_seconds - sum(phase_seconds.values()),
+        "throughput/tokens_per_second": float(total_tokens) / step_seconds,
+    })
+    return metrics
