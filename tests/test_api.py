@@ -4,10 +4,10 @@ import importlib
 import inspect
 import pkgutil
 
+from test_train import FAST
+
 import hypo
 from hypo import HyPOConfig, train
-
-from test_train import FAST
 
 
 def test_train_stays_the_function_after_every_submodule_is_imported():

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import build_model
 import hypo.trainer
+from conftest import build_model
 from hypo.config import HyPOConfig
 from hypo.models import Reference
-from hypo.steps import StepContext, dpo_step, kl_step
+from hypo.steps import StepContext, kl_step
 from hypo.trainer import make_optimizer, train
 
 FAST = {"max_completion_length": 8, "max_length": 64, "max_prompt_length": 32, "per_device_train_batch_size": 2,
