@@ -3,7 +3,9 @@
 import dataclasses
 import json
 
-from hypo.cli import main, train_parser
+import pytest
+
+from hypo.cli import eval_parser, main, normalize_flags, train_parser
 from hypo.config import HyPOConfig
 
 
@@ -31,6 +33,18 @@ def test_bad_row_is_reported_with_file_row_and_field(tmp_path, tiny_model_dir, c
     assert "pairs.jsonl: row 2: field 'chosen'" in err and "Traceback" not in err
 
 
+def test_every_command_takes_both_flag_spellings():
+    assert normalize_flags(["--max-steps", "3", "--output-dir=a-b", "-x", "--", "--keep-this"]) == \
+        ["--max_steps", "3", "--output_dir=a-b", "-x", "--", "--keep-this"]
+
+
+def test_eval_defaults_are_the_training_runs_evaluation_settings():
+    args, config = eval_parser().parse_args(["--model", "m"]), HyPOConfig()
+    assert (args.num_samples, args.max_prompts, args.max_new_tokens, args.max_prompt_length, args.batch_size,
+            args.seed, args.task) == (config.eval_num_samples, config.eval_max_prompts, config.max_completion_length,
+                                      config.max_prompt_length, config.eval_batch_size, config.seed, config.task)
+
+
 def test_invalid_option_value_is_reported(capsys, tmp_path):
     assert main(["train", "--beta", "-1", "--output_dir", str(tmp_path)]) == 2
     assert "beta must be > 0" in capsys.readouterr().err
@@ -56,7 +70,7 @@ def test_command_line_reexecutes_once_with_tuned_malloc(monkeypatch):
     from hypo import cli
 
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return
+        pytest.skip("the malloc settings are glibc's")
     calls = []
     monkeypatch.setattr(cli.os, "execve", lambda path, args, env: calls.append((path, args, env)))
     monkeypatch.setattr(sys, "argv", ["hypo", "train", "--max_steps", "3"])

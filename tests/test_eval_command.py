@@ -118,7 +118,7 @@ def test_llm_judge_options_and_unreachable_endpoint(tiny_model_dir, tiny_task, t
             str(tiny_task["eval_prompts"]), "--max-prompts", "1", "--max-new-tokens", "2", "--judge", "llm",
             "--output-dir", str(tmp_path)]
     assert main(base + ["--judge-base-url", "http://127.0.0.1:9/v1"]) == 2
-    assert "--judge llm needs --judge-base-url and --judge-model" in capsys.readouterr().err
+    assert "--judge llm needs --judge_base_url and --judge_model" in capsys.readouterr().err
     assert main(base + ["--judge-base-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
                         "--judge-max-retries", "0"]) == 2
     err = capsys.readouterr().err

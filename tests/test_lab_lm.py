@@ -28,15 +28,16 @@ def test_run_commands_carry_the_setting(tmp_path):
     assert hypo[hypo.index("--kl_coef") + 1] == "0.2" and hypo[hypo.index("--seed") + 1] == "43"
     assert hypo[hypo.index("--eval_steps") + 1] == "10" and hypo[hypo.index("--max_steps") + 1] == "30"
     rlhf = run_command(LMRun("rlhf", 0.0, 0.01, 42), config, tmp_path / "r", tmp_path / "rm")
-    assert rlhf[1:3] == ["-m", "hypo.lab.rlhf"]
-    assert rlhf[rlhf.index("--kl-coef") + 1] == "0.01" and rlhf[rlhf.index("--reward-model-dir") + 1].endswith("rm")
+    assert rlhf[1:5] == ["-m", "hypo.cli", "lab", "rlhf"]
+    assert rlhf[rlhf.index("--kl_coef") + 1] == "0.01" and rlhf[rlhf.index("--reward_model_dir") + 1].endswith("rm")
+    assert rlhf[rlhf.index("--max_steps") + 1] == "30"  # the same options as the hypo train runs
 
 
 def _outcome(run, win, kl, seconds):
     metrics = {"win_rate": win, "objective/kl": kl, "objective/kl_k3": kl / 2, "judge/policy_score": win * 2,
                "completions/mean_length": 60.0, "win_rate_ci_low": win - 0.1, "win_rate_ci_high": win + 0.1,
                "objective/kl_se": 0.1}
-    return RunOutcome(run, metrics, [(0, 0.0), (10, kl)], seconds, seconds * 30)
+    return RunOutcome(run, metrics, [(10, kl)], seconds, seconds * 30, final_step=30)
 
 
 def test_summary_rows_mean_and_sd_across_seeds():
@@ -55,10 +56,10 @@ def test_summary_rows_mean_and_sd_across_seeds():
 
 
 def _quick_args(tiny_model_dir, tiny_task, tmp_path, methods):
-    return ["lab", "lm", "--quick", "--methods", methods, "--model", str(tiny_model_dir),
+    return ["lab", "lm", "--quick", "--methods", methods, "--model_name_or_path", str(tiny_model_dir),
             "--dataset", str(tiny_task["pairs"]), "--prompts", str(tiny_task["prompts"]),
-            "--eval-prompts", str(tiny_task["eval_prompts"]), "--runs-dir", str(tmp_path / "runs"),
-            "--output-dir", str(tmp_path / "out")]
+            "--eval_prompts", str(tiny_task["eval_prompts"]), "--runs_dir", str(tmp_path / "runs"),
+            "--output_dir", str(tmp_path / "out")]
 
 
 def test_quick_lm_lab_end_to_end_and_resume(tiny_model_dir, tiny_task, tmp_path, capsys):
@@ -71,7 +72,9 @@ def test_quick_lm_lab_end_to_end_and_resume(tiny_model_dir, tiny_task, tmp_path,
     for run in ("hypo-beta0.1-kl0.05-s0", "hypo-beta0.1-kl0.05-s1"):
         results = json.loads((out / "runs" / run / "eval_results.json").read_text())
         assert results["settings"]["judge"] == "review-sentiment"
-        assert 0.0 <= results["metrics"]["win_rate"] <= 1.0
+        samples = [json.loads(x) for x in (tmp_path / "runs" / run / "eval_samples.jsonl").read_text().splitlines()]
+        per_prompt = [statistics.mean(s["win"] for s in samples if s["prompt_index"] == i) for i in range(4)]
+        assert results["metrics"]["win_rate"] == pytest.approx(statistics.mean(per_prompt))
         records = [json.loads(x) for x in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert any("eval_objective/kl" in r and r["step"] == 1 for r in records)  # periodic evaluation
         assert not (tmp_path / "runs" / run / "model").exists()  # models are dropped after evaluation
@@ -88,14 +91,15 @@ def test_quick_lm_lab_end_to_end_and_resume(tiny_model_dir, tiny_task, tmp_path,
 
 
 def test_rlhf_baseline_trains_a_reward_model_then_rloo(tiny_model_dir, tiny_task, tmp_path):
-    from hypo.lab.rlhf import RLHFSettings, run_rlhf
+    from hypo.config import HyPOConfig
+    from hypo.lab.rlhf import RewardModelConfig, run_rlhf
 
-    settings = RLHFSettings(output_dir=str(tmp_path / "rlhf"), model=str(tiny_model_dir), kl_coef=0.1, seed=0,
-                            pairs=str(tiny_task["pairs"]), prompts=str(tiny_task["prompts"]),
-                            eval_prompts=str(tiny_task["eval_prompts"]), max_steps=2, eval_steps=1,
-                            prompt_batch_size=2, max_completion_length=8, eval_max_prompts=4,
-                            eval_max_prompts_during_training=2, reward_model_dir=str(tmp_path / "rm"))
-    results = run_rlhf(settings)
+    config = HyPOConfig(output_dir=str(tmp_path / "rlhf"), model_name_or_path=str(tiny_model_dir), kl_coef=0.1,
+                        seed=0, dataset=str(tiny_task["pairs"]), prompts=str(tiny_task["prompts"]),
+                        eval_prompts=str(tiny_task["eval_prompts"]), judge="review-sentiment", max_steps=2,
+                        eval_steps=1, per_device_prompt_batch_size=2, max_completion_length=8, eval_max_prompts=4,
+                        eval_max_prompts_during_training=2)
+    results = run_rlhf(config, RewardModelConfig(reward_model_dir=str(tmp_path / "rm")))
     assert (tmp_path / "rm" / "config.json").is_file()
     rm_config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert rm_config["architectures"] == ["LlamaForSequenceClassification"] and len(rm_config["id2label"]) == 1

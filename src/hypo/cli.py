@@ -13,20 +13,39 @@ import sys
 from pathlib import Path
 
 from hypo.config import HyPOConfig, read_config_file
-from hypo.lab import run_lab
 
 USAGE = """hypo: Hybrid Preference Optimization (arXiv 2406.01462) for Hugging Face causal LMs
 
 commands:
   hypo train [--config FILE] [--option value ...]   fine-tune with HyPO (default) or DPO
   hypo eval --model DIR [--reference DIR] [...]     reverse KL and judged win rate on held-out prompts
-  hypo report RUN_DIR [RUN_DIR ...] [--output-dir D] compare runs: a markdown table and plots
+  hypo report RUN_DIR [RUN_DIR ...] [--output_dir D] compare runs: a markdown table and plots
   hypo lab bandit [--quick] [--seed N] [...]         coverage lab: exact bandit DPO / HyPO / RLHF study
   hypo lab lm [--seeds 42,43,44] [...]               coverage lab: DPO / HyPO / RLHF on the language model
-  hypo bench [--no-trl] [--output FILE]              seconds per step and peak memory, ours vs TRL
+  hypo lab rlhf --output_dir D [...]                 coverage lab: one reward-model + RLOO baseline run
+  hypo bench [--no_trl] [--output FILE]              seconds per step and peak memory, ours vs TRL
 
-`hypo <command> --help` lists every option.
+`hypo <command> --help` lists every option. Options are spelled with underscores (--max_steps), as in
+TRL and transformers; the hyphenated spelling (--max-steps) is accepted too.
 """
+
+
+def normalize_flags(argv: list[str]) -> list[str]:
+    """`--some-option[=v]` -> `--some_option[=v]`: every command takes both spellings and documents one."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg.startswith("--"):
+            name, sep, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + sep + value
+        out.append(arg)
+    return out
+
+
+def _default(name: str):
+    """The default of a HyPOConfig field: `hypo eval` shares the training run's evaluation settings."""
+    return HyPOConfig.__dataclass_fields__[name].default
 
 
 def train_parser():
@@ -78,32 +97,35 @@ def run_train(argv: list[str]) -> int:
 
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hypo eval", description="Evaluate a trained model against a reference on "
-                                "held-out prompts: sequence-level reverse KL (k1, k3) and judged win rate.")
+                                "held-out prompts: sequence-level reverse KL (k1, k3) and judged win rate. The "
+                                "defaults are those of the evaluation at the end of hypo train.")
     p.add_argument("--model", required=True, help="Trained model: local folder, hub id or .gguf file.")
     p.add_argument("--reference", default=None, help="Reference model (default: the embedded default model).")
     p.add_argument("--prompts", default=None, help="Prompt-only data (default: the bundled task's eval prompts).")
     p.add_argument("--baseline", default=None,
                    help="Win rate against this model's samples (default: the reference's samples).")
-    p.add_argument("--baseline-dataset", default=None,
-                   help="Win rate against fixed responses: a data file with prompt and --baseline-field "
+    p.add_argument("--baseline_dataset", default=None,
+                   help="Win rate against fixed responses: a data file with prompt and --baseline_field "
                         "(its prompts replace --prompts).")
-    p.add_argument("--baseline-field", default="chosen", help="Response field of --baseline-dataset.")
+    p.add_argument("--baseline_field", default="chosen", help="Response field of --baseline_dataset.")
     p.add_argument("--judge", default=None, help="A registered judge name (default: the bundled task's gold judge), "
                    "rm:<reward model folder or hub id>, or llm (an OpenAI-compatible chat endpoint).")
-    p.add_argument("--judge-base-url", default=None, help="--judge llm: the endpoint, e.g. http://localhost:8000/v1.")
-    p.add_argument("--judge-model", default=None, help="--judge llm: the model name sent to the endpoint.")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+    p.add_argument("--judge_base_url", default=None, help="--judge llm: the endpoint, e.g. http://localhost:8000/v1.")
+    p.add_argument("--judge_model", default=None, help="--judge llm: the model name sent to the endpoint.")
+    p.add_argument("--judge_api_key_env", default="OPENAI_API_KEY",
                    help="--judge llm: environment variable holding the API key (never written anywhere).")
-    p.add_argument("--judge-max-retries", type=int, default=4,
+    p.add_argument("--judge_max_retries", type=int, default=4,
                    help="--judge llm: retries of a failed request, with exponential backoff from 1 s.")
-    p.add_argument("--task", default="reviews", help="Bundled task that supplies default prompts and judge.")
-    p.add_argument("--num-samples", type=int, default=2, help="Completions per prompt.")
-    p.add_argument("--max-prompts", type=int, default=64, help="Prompts to use (0: all).")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="Longest completion.")
-    p.add_argument("--max-prompt-length", type=int, default=128, help="Prompts keep their last N tokens.")
-    p.add_argument("--batch-size", type=int, default=16, help="Prompts per generation batch.")
-    p.add_argument("--seed", type=int, default=42, help="Seed of every sample (the same seed gives the same results).")
-    p.add_argument("--output-dir", default=None, help="Where to write eval_results.json, eval_samples.jsonl and "
+    p.add_argument("--task", default=_default("task"), help="Bundled task that supplies default prompts and judge.")
+    p.add_argument("--num_samples", type=int, default=_default("eval_num_samples"), help="Completions per prompt.")
+    p.add_argument("--max_prompts", type=int, default=_default("eval_max_prompts"), help="Prompts to use (0: all).")
+    p.add_argument("--max_new_tokens", type=int, default=_default("max_completion_length"), help="Longest completion.")
+    p.add_argument("--max_prompt_length", type=int, default=_default("max_prompt_length"),
+                   help="Prompts keep their last N tokens.")
+    p.add_argument("--batch_size", type=int, default=_default("eval_batch_size"), help="Prompts per generation batch.")
+    p.add_argument("--seed", type=int, default=_default("seed"),
+                   help="Seed of every sample (the same seed gives the same results).")
+    p.add_argument("--output_dir", default=None, help="Where to write eval_results.json, eval_samples.jsonl and "
                    "eval_report.md (default: <model>/eval).")
     return p
 
@@ -115,14 +137,14 @@ def _eval_judge(args, output_dir: Path, default: str | None):
     from hypo.llm_judge import LLMJudge
 
     if not args.judge_base_url or not args.judge_model:
-        raise ValueError("--judge llm needs --judge-base-url and --judge-model")
+        raise ValueError("--judge llm needs --judge_base_url and --judge_model")
     return LLMJudge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
                     cache_path=output_dir / "llm_judge_cache.jsonl", seed=args.seed,
                     max_retries=args.judge_max_retries)
 
 
 def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
-    """Held-out prompts, and the fixed baseline responses when --baseline-dataset is given."""
+    """Held-out prompts, and the fixed baseline responses when --baseline_dataset is given."""
     from hypo.data import load_prompt_data, read_rows, tokenize_prompt_rows
     from hypo.evaluate import baseline_responses
 
@@ -132,7 +154,7 @@ def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
         texts = None
     else:
         if args.prompts or args.baseline:
-            raise ValueError("--baseline-dataset supplies the prompts and the baseline: drop --prompts/--baseline")
+            raise ValueError("--baseline_dataset supplies the prompts and the baseline: drop --prompts/--baseline")
         rows = read_rows(args.baseline_dataset)
         texts = baseline_responses(rows, args.baseline_field, args.baseline_dataset)
         prompts, _ = tokenize_prompt_rows(rows, tokenizer, source=args.baseline_dataset,
@@ -186,7 +208,7 @@ def report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hypo report", description="Compare finished runs: report.md with one "
                                 "table (every number with its uncertainty and sample count) and PNG plots.")
     p.add_argument("runs", nargs="+", help="Run folders written by hypo train (config.json, metrics.jsonl, ...).")
-    p.add_argument("--output-dir", default="report", help="Where to write report.md and the plots.")
+    p.add_argument("--output_dir", default="report", help="Where to write report.md and the plots.")
     return p
 
 
@@ -214,6 +236,12 @@ def run_bench(argv: list[str]) -> int:
     return _run_bench(argv)
 
 
+def run_lab(argv: list[str]) -> int:
+    from hypo.lab.cli import run_lab as _run_lab
+
+    return _run_lab(argv)
+
+
 def reexec_with_tuned_malloc() -> None:
     """glibc reads its malloc settings only at process start, so the command line re-executes itself once
     with them (Linux/glibc; skipped when the user set any MALLOC_* variable or HYPO_NO_MALLOC_TUNING=1)."""
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], normalize_flags(argv[1:])
     commands = {"train": run_train, "eval": run_eval, "report": run_report, "lab": run_lab, "bench": run_bench}
     if command not in commands:
         print(f"hypo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -27,10 +27,10 @@ from hypo.sampling import generate_completions
 Z_95 = 1.959964
 
 
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error (sample standard deviation / sqrt(n)); se is nan for n < 2.
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator); nan where undefined (n < 2).
 
-    Example: [1, 2, 3] -> mean 2, sd 1, se 1 / sqrt(3) = 0.57735.
+    Example: [1, 2, 3] -> mean 2, sd 1.
     """
     n = len(values)
     if n == 0:
@@ -38,8 +38,16 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / n
     if n < 2:
         return mean, math.nan
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample standard deviation / sqrt(n)); se is nan for n < 2.
+
+    Example: [1, 2, 3] -> mean 2, sd 1, se 1 / sqrt(3) = 0.57735.
+    """
+    mean, sd = mean_and_sd(values)
+    return mean, sd / math.sqrt(len(values)) if values else math.nan
 
 
 def win_rate_interval(per_prompt_wins: list[float]) -> tuple[float, float, float]:

@@ -66,6 +66,16 @@ def load_run(path: str | Path) -> Run:
     return Run(path.name, path, json.loads(config_path.read_text()), records, eval_metrics)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed): every plot of hypo uses it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _num(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -103,11 +113,9 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 def plot_training_curves(runs: list[Run], path: Path) -> Path:
     """One panel per metric, one line per run (evaluation KL with standard-error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     keys = list(CURVES) + ([EVAL_CURVE] if any(_series(r.records, EVAL_CURVE)[0] for r in runs) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
@@ -133,10 +141,7 @@ def plot_frontier(runs: list[Run], path: Path) -> Path | None:
     points = [r for r in runs if "judge/policy_score" in r.eval_metrics and "objective/kl" in r.eval_metrics]
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for run in points:

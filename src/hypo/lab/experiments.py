@@ -7,11 +7,8 @@ median and deciles across instances), summary.md, curves_*.png and frontier.png.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,9 +17,6 @@ import torch
 from hypo.lab.bandit import MethodSpec, sample_pairs
 from hypo.lab.regimes import REGIMES, Sizes, make_bandit, split_regime
 from hypo.lab.training import METRICS, TrainSettings, fit_reward_model, train_policy
-
-COLUMNS = ("objective/kl", "reward_gain", "win_rate", "off_support_mass", "best_unseen_prob",
-           "logps/chosen_change", "logps/rejected_change", "objective/kl_max")
 
 
 @dataclass
@@ -226,83 +220,3 @@ def run_bandit_lab(config: LabConfig, output_dir: Path) -> list[dict]:
         plot_curves(curves, labels, metric, output_dir / f"curves_{name}.png")
     plot_frontier(rows, output_dir / "frontier.png")
     return rows
-
-
-def lab_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hypo lab", description="Coverage lab: exact contextual-bandit experiments "
-                                "comparing DPO, HyPO and KL-regularized RLHF under global and partial coverage.")
-    p.add_argument("experiment", choices=["bandit", "lm"],
-                   help="bandit: exact contextual bandits (minutes); lm: DPO, HyPO and RLHF runs on the embedded "
-                        "language model with the gold judge (hours on a CPU; resumable).")
-    p.add_argument("--quick", action="store_true", help="bandit: two regimes, few instances and steps (seconds); "
-                   "lm: two steps per run on the model and data given by --model/--dataset/--prompts/--eval-prompts.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of instances, data and sampling.")
-    p.add_argument("--instances", type=int, default=None, help="Random instances per regime (default 40; quick 4).")
-    p.add_argument("--regimes", default=None, help=f"Comma-separated subset of: {', '.join(REGIMES)}.")
-    p.add_argument("--optimizer", choices=["adam", "gd"], default="adam", help="Full-batch Adam or gradient descent.")
-    p.add_argument("--output-dir", default="lab-results", help="Folder for the table and plots.")
-    lm = p.add_argument_group("lm")
-    lm.add_argument("--runs-dir", default="runs/lab-lm", help="lm: folder of the run folders (models deleted after "
-                    "evaluation unless --keep-models); finished runs are skipped, so a stopped grid resumes.")
-    lm.add_argument("--methods", default="dpo,hypo,rlhf", help="lm: comma-separated subset of dpo, hypo, rlhf.")
-    lm.add_argument("--seeds", default="42,43,44", help="lm: seeds of each method's default setting; the sweep "
-                    "points use the first.")
-    lm.add_argument("--collect-only", action="store_true", help="lm: only rebuild the table and plots.")
-    lm.add_argument("--keep-models", action="store_true", help="lm: keep each run's trained model.")
-    for flag in ("--model", "--dataset", "--prompts", "--eval-prompts"):
-        lm.add_argument(flag, default=None, help="lm --quick: the tiny model / data files to use.")
-    return p
-
-
-def _run_lm(args) -> int:
-    from hypo.lab.lm import METHODS, LMLabConfig, run_lm_lab
-
-    if args.quick:
-        missing = [f for f in ("model", "dataset", "prompts", "eval_prompts") if getattr(args, f) is None]
-        if missing:
-            raise ValueError("hypo lab lm --quick needs --model, --dataset, --prompts and --eval-prompts "
-                             f"(missing: {', '.join(missing)})")
-        config = LMLabConfig.quick(args.model, args.dataset, args.prompts, args.eval_prompts)
-    else:
-        config = LMLabConfig(seeds=tuple(int(s) for s in args.seeds.split(",")))
-    config.methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = [m for m in config.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    config.keep_models = args.keep_models
-    start = time.perf_counter()
-    out = Path(args.output_dir)
-    try:
-        rows = run_lm_lab(config, Path(args.runs_dir), out, collect_only=args.collect_only)
-    except RuntimeError as error:
-        print(f"hypo lab lm: {error}", file=sys.stderr)
-        return 1
-    print(f"hypo lab lm: {len(rows)} settings collected in {time.perf_counter() - start:.1f} s")
-    print(f"  table: {out / 'summary.md'}; plots: {out / 'frontier.png'}, {out / 'kl_over_training.png'}")
-    return 0
-
-
-def run_lab(argv: list[str]) -> int:
-    """Entry point of `hypo lab ...`."""
-    torch.set_num_threads(1)
-    args = lab_parser().parse_args(argv)
-    if args.experiment == "lm":
-        return _run_lm(args)
-    config = LabConfig.quick(args.seed) if args.quick else LabConfig(seed=args.seed)
-    if args.instances is not None:
-        config.instances = args.instances
-    if args.regimes:
-        config.regimes = tuple(args.regimes.split(","))
-        for regime in config.regimes:
-            split_regime(regime)
-    if args.optimizer == "gd":
-        config.train = TrainSettings(steps=config.train.steps, learning_rate=1.0, optimizer="gd",
-                                     log_every=config.train.log_every)
-    start = time.perf_counter()
-    out = Path(args.output_dir)
-    run_bandit_lab(config, out)
-    print(f"hypo lab bandit: {len(config.regimes)} regimes x {config.instances} instances in "
-          f"{time.perf_counter() - start:.1f} s")
-    print(f"  table: {out / 'results.csv'}, {out / 'summary.md'}")
-    print(f"  plots: {out / 'frontier.png'}, {out / 'curves_kl.png'} (+ off_support, reward, logps)")
-    return 0

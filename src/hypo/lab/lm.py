@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hypo.evaluate import mean_and_sd
+
 METHODS = ("dpo", "hypo", "rlhf")
 CENTER = {"dpo": (0.1, 0.0), "hypo": (0.1, 0.05), "rlhf": (0.0, 0.05)}
 """(beta, kl_coef) of each method's default setting, the one run with every seed."""
@@ -60,28 +62,24 @@ class LMRun:
 
 @dataclass
 class LMLabConfig:
-    """The grid and what every run shares. `train_args` are extra `hypo train` flags for every run
-    (the quick mode uses them for a tiny model); `rlhf_args` the same for the RLHF runs."""
+    """The grid and what every run shares. `train_args` are extra `hypo train` options for every run, RLHF
+    included (`hypo lab rlhf` takes the same options); the quick mode uses them for a tiny model."""
 
     seeds: tuple[int, ...] = (42, 43, 44)
     methods: tuple[str, ...] = METHODS
     max_steps: int = 30
     eval_steps: int = 10
     train_args: tuple[str, ...] = ()
-    rlhf_args: tuple[str, ...] = ()
     keep_models: bool = False
 
     @classmethod
     def quick(cls, model: str, pairs: str, prompts: str, eval_prompts: str) -> LMLabConfig:
         """A tiny model and data from the caller, two steps per run: seconds, for the tests."""
-        data = ("--max_completion_length", "8", "--eval_max_prompts", "4", "--eval_max_prompts_during_training", "2",
-                "--per_device_train_batch_size", "2", "--per_device_prompt_batch_size", "2")
-        rlhf = ("--max-completion-length", "8", "--eval-max-prompts", "4", "--eval-max-prompts-during-training", "2",
-                "--prompt-batch-size", "2", "--model", model, "--pairs", pairs, "--prompts", prompts,
-                "--eval-prompts", eval_prompts)
-        return cls(seeds=(0, 1), max_steps=2, eval_steps=1, rlhf_args=rlhf,
-                   train_args=("--model_name_or_path", model, "--dataset", pairs, "--prompts", prompts,
-                               "--eval_prompts", eval_prompts, "--judge", "review-sentiment", *data))
+        return cls(seeds=(0, 1), max_steps=2, eval_steps=1, train_args=(
+            "--model_name_or_path", model, "--dataset", pairs, "--prompts", prompts, "--eval_prompts", eval_prompts,
+            "--judge", "review-sentiment", "--max_completion_length", "8", "--eval_max_prompts", "4",
+            "--eval_max_prompts_during_training", "2", "--per_device_train_batch_size", "2",
+            "--per_device_prompt_batch_size", "2"))
 
     def runs(self) -> list[LMRun]:
         """Every method's default setting with every seed (seed by seed), then the other sweep points with
@@ -93,13 +91,11 @@ class LMLabConfig:
 
 def run_command(run: LMRun, config: LMLabConfig, run_dir: Path, reward_model_dir: Path) -> list[str]:
     """The exact command line of one run (also written to commands.txt)."""
+    common = ["--kl_coef", f"{run.kl_coef:g}", "--seed", str(run.seed), "--max_steps", str(config.max_steps),
+              "--eval_steps", str(config.eval_steps), "--output_dir", str(run_dir), *config.train_args]
     if run.method == "rlhf":
-        return [sys.executable, "-m", "hypo.lab.rlhf", "--output-dir", str(run_dir), "--kl-coef", f"{run.kl_coef:g}",
-                "--seed", str(run.seed), "--max-steps", str(config.max_steps), "--eval-steps", str(config.eval_steps),
-                "--reward-model-dir", str(reward_model_dir), *config.rlhf_args]
-    return [sys.executable, "-m", "hypo.cli", "train", "--method", run.method, "--beta", f"{run.beta:g}",
-            "--kl_coef", f"{run.kl_coef:g}", "--seed", str(run.seed), "--max_steps", str(config.max_steps),
-            "--eval_steps", str(config.eval_steps), "--output_dir", str(run_dir), *config.train_args]
+        return [sys.executable, "-m", "hypo.cli", "lab", "rlhf", *common, "--reward_model_dir", str(reward_model_dir)]
+    return [sys.executable, "-m", "hypo.cli", "train", "--method", run.method, "--beta", f"{run.beta:g}", *common]
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -136,31 +132,33 @@ class RunOutcome:
 
     run: LMRun
     metrics: dict[str, float]
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out reverse KL)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, reverse KL) evaluated during training
     step_seconds: float = math.nan  # median over the run's optimizer steps
     wall_seconds: float = math.nan
     reward_model_seconds: float = 0.0
+    final_step: int = 0
 
 
 def load_outcome(run: LMRun, run_dir: Path) -> RunOutcome:
     from hypo.report import load_run
 
     loaded = load_run(run_dir)  # config.json, metrics.jsonl, eval_results.json
-    curve = [(0, 0.0)] + [(r["step"], r["eval_objective/kl"]) for r in loaded.records if "eval_objective/kl" in r]
+    evaluations = [r for r in loaded.records if "eval_objective/kl" in r]
+    final_prompts = loaded.eval_metrics.get("num_prompts")
+    # the curve: the evaluations during training, all on the same (smaller) number of prompts; the final
+    # evaluation (more prompts) is drawn apart
+    curve = [(r["step"], r["eval_objective/kl"]) for r in evaluations if r.get("eval_num_prompts") != final_prompts]
     steps = [r["time/step"] for r in loaded.records if "time/step" in r and r["step"] > 1]
     wall = json.loads((run_dir / "wall_seconds.json").read_text())["wall_seconds"] \
         if (run_dir / "wall_seconds.json").is_file() else math.nan
-    note = json.loads((run_dir / "lab_note.json").read_text()) if (run_dir / "lab_note.json").is_file() else {}
-    step_seconds = statistics.median(steps) if steps and note.get("timing_valid", True) else math.nan
+    step_seconds = statistics.median(steps) if steps else math.nan
     return RunOutcome(run, loaded.eval_metrics, sorted(set(curve)), step_seconds, wall,
-                      loaded.config.get("reward_model_seconds", 0.0) or 0.0)
+                      loaded.config.get("reward_model_seconds", 0.0) or 0.0, loaded.steps)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+    """Mean and sd across seeds of the values that exist (a run without timing gives nan)."""
+    return mean_and_sd([v for v in values if not math.isnan(v)])
 
 
 def summary_rows(outcomes: list[RunOutcome]) -> list[dict[str, Any]]:
@@ -215,15 +213,14 @@ COLORS = {"dpo": "tab:blue", "hypo": "tab:orange", "rlhf": "tab:green"}
 
 
 def plot_kl_curves(outcomes: list[RunOutcome], path: Path) -> None:
-    import matplotlib
+    from hypo.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     labelled = set()
     for o in outcomes:
-        if len(o.curve) < 3:  # no evaluation during training (runs made before the grid): no curve to draw
+        if not o.curve:  # no evaluation during training (runs made before the grid): no curve to draw
             continue
         is_center = o.run.setting[1:] == CENTER[o.run.method]
         steps, kls = zip(*o.curve, strict=True)
@@ -231,9 +228,12 @@ def plot_kl_curves(outcomes: list[RunOutcome], path: Path) -> None:
         labelled.add(o.run.setting)
         ax.plot(steps, kls, color=COLORS[o.run.method], alpha=0.9 if is_center else 0.45,
                 linestyle="-" if is_center else "--", marker="o", markersize=3, label=label)
+        ax.plot([o.final_step], [o.metrics["objective/kl"]], color=COLORS[o.run.method], marker="*", markersize=7,
+                alpha=0.9 if is_center else 0.45, linestyle="none")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("reverse KL to reference (held-out, k1)")
-    ax.set_title("Reverse KL over training (solid: default setting)", fontsize=10)
+    ax.set_title("Reverse KL over training (solid: default setting; circles: evaluations during training on\n"
+                 "fewer prompts, stars: the final evaluation)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -241,10 +241,9 @@ def plot_kl_curves(outcomes: list[RunOutcome], path: Path) -> None:
 
 
 def plot_lm_frontier(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from hypo.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
@@ -278,7 +277,7 @@ def collect(config: LMLabConfig, runs_dir: Path, out: Path) -> list[dict[str, An
         outcomes.append(load_outcome(run, run_dir))
         keep = out / "runs" / run.name
         keep.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "metrics.jsonl", "eval_results.json", "wall_seconds.json", "lab_note.json"):
+        for name in ("config.json", "metrics.jsonl", "eval_results.json", "wall_seconds.json"):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, keep / name)
     rows = summary_rows(outcomes)

@@ -1,0 +1,141 @@
+"""`hypo lab bandit | lm | rlhf`: the coverage lab's command line.
+
+- `bandit`: exact contextual-bandit sweeps (`hypo.lab.experiments`), minutes on a CPU.
+- `lm`: DPO, HyPO and RLHF runs on the embedded language model (`hypo.lab.lm`), hours on a CPU, resumable.
+- `rlhf`: one RLHF baseline run (`hypo.lab.rlhf`); it takes `hypo train`'s options plus the reward model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+USAGE = """hypo lab: the coverage lab (arXiv 2406.01462)
+
+  hypo lab bandit [--quick] [--seed N] [--instances N] [--regimes A,B] [--output_dir D]
+  hypo lab lm [--seeds 42,43,44] [--methods dpo,hypo,rlhf] [--runs_dir D] [--output_dir D]
+  hypo lab rlhf --output_dir D [hypo train options] [--reward_model_dir D ...]
+
+`hypo lab <experiment> --help` lists every option.
+"""
+
+
+def bandit_parser() -> argparse.ArgumentParser:
+    from hypo.lab.regimes import REGIMES
+
+    p = argparse.ArgumentParser(prog="hypo lab bandit", description="Exact contextual-bandit experiments comparing "
+                                "DPO, HyPO and KL-regularized RLHF under global and partial coverage.")
+    p.add_argument("--quick", action="store_true", help="Two regimes, few instances and steps (seconds).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of instances, data and sampling.")
+    p.add_argument("--instances", type=int, default=None, help="Random instances per regime (default 40; quick 4).")
+    p.add_argument("--regimes", default=None, help=f"Comma-separated subset of: {', '.join(REGIMES)}.")
+    p.add_argument("--optimizer", choices=["adam", "gd"], default="adam", help="Full-batch Adam or gradient descent.")
+    p.add_argument("--output_dir", default="lab-results/bandit", help="Folder for the table and plots.")
+    return p
+
+
+def run_bandit(argv: list[str]) -> int:
+    import torch
+
+    from hypo.lab.experiments import LabConfig, run_bandit_lab
+    from hypo.lab.regimes import split_regime
+    from hypo.lab.training import TrainSettings
+
+    args = bandit_parser().parse_args(argv)
+    torch.set_num_threads(1)
+    config = LabConfig.quick(args.seed) if args.quick else LabConfig(seed=args.seed)
+    if args.instances is not None:
+        config.instances = args.instances
+    if args.regimes:
+        config.regimes = tuple(args.regimes.split(","))
+        for regime in config.regimes:
+            split_regime(regime)
+    if args.optimizer == "gd":
+        config.train = TrainSettings(steps=config.train.steps, learning_rate=1.0, optimizer="gd",
+                                     log_every=config.train.log_every)
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    run_bandit_lab(config, out)
+    print(f"hypo lab bandit: {len(config.regimes)} regimes x {config.instances} instances in "
+          f"{time.perf_counter() - start:.1f} s")
+    print(f"  table: {out / 'results.csv'}, {out / 'summary.md'}")
+    print(f"  plots: {out / 'frontier.png'}, {out / 'curves_kl.png'} (+ off_support, reward, logps)")
+    return 0
+
+
+def lm_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hypo lab lm", description="DPO, HyPO and RLHF runs on the embedded language "
+                                "model with the bundled task's gold judge (hours on a CPU; resumable).")
+    p.add_argument("--runs_dir", default="runs/lab-lm", help="Folder of the run folders (models deleted after "
+                   "evaluation unless --keep_models); finished runs are skipped, so a stopped grid resumes.")
+    p.add_argument("--output_dir", default="lab-results/lm", help="Folder for the table and plots.")
+    p.add_argument("--methods", default="dpo,hypo,rlhf", help="Comma-separated subset of dpo, hypo, rlhf.")
+    p.add_argument("--seeds", default="42,43,44", help="Seeds of each method's default setting; the sweep points "
+                   "use the first.")
+    p.add_argument("--collect_only", action="store_true", help="Only rebuild the table and plots.")
+    p.add_argument("--keep_models", action="store_true", help="Keep each run's trained model.")
+    p.add_argument("--quick", action="store_true", help="Two steps per run on the model and data given by "
+                   "--model_name_or_path, --dataset, --prompts and --eval_prompts (seconds; for tests).")
+    for name in ("model_name_or_path", "dataset", "prompts", "eval_prompts"):
+        p.add_argument(f"--{name}", default=None, help="--quick: the tiny model / data file to use.")
+    return p
+
+
+def run_lm(argv: list[str]) -> int:
+    from hypo.lab.lm import METHODS, LMLabConfig, run_lm_lab
+
+    args = lm_parser().parse_args(argv)
+    if args.quick:
+        names = ("model_name_or_path", "dataset", "prompts", "eval_prompts")
+        missing = [f"--{name}" for name in names if getattr(args, name) is None]
+        if missing:
+            raise ValueError(f"hypo lab lm --quick needs {', '.join(missing)}")
+        config = LMLabConfig.quick(*(getattr(args, name) for name in names))
+    else:
+        config = LMLabConfig(seeds=tuple(int(s) for s in args.seeds.split(",")))
+    config.methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    config.keep_models = args.keep_models
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    try:
+        rows = run_lm_lab(config, Path(args.runs_dir), out, collect_only=args.collect_only)
+    except RuntimeError as error:
+        print(f"hypo lab lm: {error}", file=sys.stderr)
+        return 1
+    print(f"hypo lab lm: {len(rows)} settings collected in {time.perf_counter() - start:.1f} s")
+    print(f"  table: {out / 'summary.md'}; plots: {out / 'frontier.png'}, {out / 'kl_over_training.png'}")
+    return 0
+
+
+def run_rlhf(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from hypo.config import HyPOConfig
+    from hypo.lab.rlhf import RewardModelConfig, run_rlhf
+
+    parser = HfArgumentParser((HyPOConfig, RewardModelConfig), prog="hypo lab rlhf",
+                              description="Online-RLHF baseline: a reward model fitted on the pairs, then RLOO "
+                                          "with kl_coef as its KL penalty, under hypo train's settings.")
+    config, reward = parser.parse_args_into_dataclasses(argv)
+    if not config.output_dir:
+        raise ValueError("hypo lab rlhf needs --output_dir")
+    metrics = run_rlhf(config, reward)["metrics"]
+    print(f"rlhf kl_coef={config.kl_coef} seed={config.seed}: reverse KL {metrics['objective/kl']:.3f}, "
+          f"win rate {metrics['win_rate']:.3f}")
+    return 0
+
+
+def run_lab(argv: list[str]) -> int:
+    """Entry point of `hypo lab ...`."""
+    experiments = {"bandit": run_bandit, "lm": run_lm, "rlhf": run_rlhf}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in experiments:
+        raise ValueError(f"unknown lab experiment {argv[0]!r}; choose from {', '.join(experiments)}")
+    return experiments[argv[0]](argv[1:])
