@@ -52,6 +52,15 @@ def test_variants_follow_the_settings():
     assert variants(BenchSettings())[-2:] == ["trl-dpo", "trl-rloo"]
 
 
+def test_the_workload_is_a_hypo_config_and_travels_to_the_variant_processes():
+    from hypo.config import HyPOConfig
+
+    settings = BenchSettings()
+    assert settings.config == HyPOConfig(eval_at_end=False)  # the default training run's shape
+    settings.config.max_completion_length, settings.fewer_prompts = 16, (3,)
+    assert BenchSettings.from_json(settings.to_json()) == settings
+
+
 def test_machine_probes_measure_positive_rates():
     assert measure_matmul(n=256, repeats=3) > 1e8
     assert measure_copy_bandwidth(megabytes=16, repeats=3) > 1e8
@@ -61,7 +70,7 @@ def test_machine_probes_measure_positive_rates():
 @pytest.mark.slow
 def test_bench_command_on_the_tiny_model(tiny_model_dir, tmp_path):
     output = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--model", str(tiny_model_dir), "--output", str(output)]) == 0
+    assert main(["bench", "--quick", "--model_name_or_path", str(tiny_model_dir), "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     assert set(report["results"]) == {"machine", "dpo", "hypo", "hypo-prompts1", "trl-dpo", "trl-rloo"}
     for name in ("dpo", "hypo", "trl-dpo", "trl-rloo"):

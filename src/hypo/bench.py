@@ -18,7 +18,6 @@ completions per prompt, score them with the reference, and take a policy-gradien
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -27,9 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from hypo.config import HyPOConfig
 
 RESULT_PREFIX = "BENCH_RESULT "
 TARGETS = {
@@ -42,32 +43,33 @@ TARGETS = {
 }
 
 
+def _workload() -> HyPOConfig:
+    return HyPOConfig(eval_at_end=False)
+
+
 @dataclass
 class BenchSettings:
-    """The shared workload. Defaults: the default training run's shape (4 pairs, 4 prompts x 2 samples of
-    up to 64 tokens per step) on the embedded SmolLM2-135M-Instruct and the bundled task."""
+    """The benchmark's own options. The workload is a `HyPOConfig` (default: the default training run's
+    shape, 4 pairs + 4 prompts x 2 samples of up to 64 tokens per step, on the embedded SmolLM2-135M-Instruct
+    and the bundled task); every variant, ours and TRL's, trains under it."""
 
-    model: str | None = None
-    task: str = "reviews"
-    pairs_per_step: int = 4
-    prompts_per_step: int = 4
-    num_generations: int = 2
-    max_completion_length: int = 64
-    max_length: int = 256
-    max_prompt_length: int = 128
-    beta: float = 0.1
-    kl_coef: float = 0.05
-    learning_rate: float = 1e-5
-    seed: int = 42
+    config: HyPOConfig = field(default_factory=_workload)
     warmup_steps: int = 2
     measured_steps: int = 5
     fewer_prompts: tuple[int, ...] = (2, 1)
     trl: bool = True
-    extra_train_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
         return self.warmup_steps + self.measured_steps
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchSettings:
+        raw = json.loads(text)
+        return cls(config=HyPOConfig(**raw.pop("config")), fewer_prompts=tuple(raw.pop("fewer_prompts")), **raw)
 
 
 def _peak_rss_gb() -> float:
@@ -134,33 +136,34 @@ def measure_machine(settings: BenchSettings) -> dict[str, float]:
     from hypo.sampling import sampling_config
     from hypo.tasks import get_task
 
-    torch.manual_seed(settings.seed)
+    config = settings.config
+    torch.manual_seed(config.seed)
     result = {"matmul_flops": measure_matmul(), "copy_bytes_per_second": measure_copy_bandwidth(),
               "read_bytes_per_second": measure_read_bandwidth()}
-    path = resolve_model_path(settings.model)
+    path = resolve_model_path(config.model_name_or_path, config.gguf_file)
     tokenizer, model = load_tokenizer(path), load_causal_lm(path)
     params = sum(p.numel() for p in model.parameters())
     result["params"] = params
     result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    items, _ = load_prompt_data(str(get_task(settings.task).prompts), tokenizer,
-                                max_prompt_length=settings.max_prompt_length)
-    batch = PromptCollator(tokenizer.pad_token_id)(items[: settings.prompts_per_step])
-    rows = settings.prompts_per_step * settings.num_generations
+    items, _ = load_prompt_data(config.prompts or str(get_task(config.task).prompts), tokenizer,
+                                max_prompt_length=config.max_prompt_length)
+    batch = PromptCollator(tokenizer.pad_token_id)(items[: config.per_device_prompt_batch_size])
+    rows = config.per_device_prompt_batch_size * config.num_generations
 
     def generate(new_tokens: int) -> float:
-        config = sampling_config(max_new_tokens=new_tokens, num_return_sequences=settings.num_generations,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        config.min_new_tokens = new_tokens  # a fixed number of decoding steps
+        generation = sampling_config(max_new_tokens=new_tokens, num_return_sequences=config.num_generations,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        generation.min_new_tokens = new_tokens  # a fixed number of decoding steps
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
-                           generation_config=config)
+                           generation_config=generation)
         return time.perf_counter() - start
 
     generate(4)
     prefill = statistics.median(generate(1) for _ in range(3))
-    full = statistics.median(generate(settings.max_completion_length) for _ in range(2))
-    result["decode_step_seconds"] = (full - prefill) / (settings.max_completion_length - 1)
+    full = statistics.median(generate(config.max_completion_length) for _ in range(2))
+    result["decode_step_seconds"] = (full - prefill) / (config.max_completion_length - 1)
     result["decode_batch"] = rows
     result["decode_step_floor_seconds"] = result["param_bytes"] / result["copy_bytes_per_second"]
 
@@ -183,23 +186,14 @@ def measure_machine(settings: BenchSettings) -> dict[str, float]:
 
 
 def run_ours(settings: BenchSettings, method: str, prompts_per_step: int) -> dict[str, Any]:
-    """`hypo.train.train` for warm-up + measured steps; per-step medians from its metrics.jsonl."""
-    from hypo.config import HyPOConfig
+    """`hypo.trainer.train` for warm-up + measured steps; per-step medians from its metrics."""
+    from hypo.report import load_run
     from hypo.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = {"model_name_or_path": settings.model} if settings.model else {}
-        config = HyPOConfig(
-            method=method, **model, task=settings.task,
-            beta=settings.beta, kl_coef=settings.kl_coef, num_generations=settings.num_generations,
-            per_device_train_batch_size=settings.pairs_per_step, per_device_prompt_batch_size=prompts_per_step,
-            max_completion_length=settings.max_completion_length, max_length=settings.max_length,
-            max_prompt_length=settings.max_prompt_length, learning_rate=settings.learning_rate,
-            max_steps=settings.steps, seed=settings.seed, eval_at_end=False, output_dir=tmp,
-            **settings.extra_train_args)
-        train(config)
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "time/step" in r]
+        train(replace(settings.config, method=method, per_device_prompt_batch_size=prompts_per_step,
+                      max_steps=settings.steps, eval_at_end=False, eval_steps=0, save_steps=0, output_dir=tmp))
+        records = load_run(tmp).train_records
     result: dict[str, Any] = {"steps": len(records)}
     for key in ("time/step", "time/generation", "time/reference", "time/forward_backward", "time/optimizer"):
         result[key] = _median_after_warmup([r[key] for r in records], settings.warmup_steps)
@@ -231,7 +225,8 @@ def _step_timer():
     return StepTimes()
 
 
-def _json_dataset(path: Path, rows: int):
+def _json_dataset(path: str | Path, rows: int):
+    """The first `rows` rows of a local JSON-lines file as a `datasets.Dataset`."""
     from datasets import load_dataset
 
     dataset = load_dataset("json", data_files=str(path), split="train")
@@ -242,20 +237,20 @@ def run_trl_dpo(settings: BenchSettings) -> dict[str, Any]:
     """TRL's DPOTrainer on the same pairs (reference log-probs computed each step, as ours on a first epoch)."""
     from trl import DPOConfig, DPOTrainer
 
-    from hypo.lab.rlhf import TRL_CPU_SETTINGS
     from hypo.models import load_tokenizer, resolve_model_path
     from hypo.tasks import get_task
+    from hypo.trl_args import trl_training_args
 
-    path = resolve_model_path(settings.model)
+    config = settings.config
+    path = resolve_model_path(config.model_name_or_path, config.gguf_file)
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=settings.pairs_per_step,
-                         max_steps=settings.steps, learning_rate=settings.learning_rate, beta=settings.beta,
-                         max_length=settings.max_length, seed=settings.seed, logging_steps=1,
-                         precompute_ref_log_probs=False, **TRL_CPU_SETTINGS)
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=config.per_device_train_batch_size,
+                         beta=config.beta, max_length=config.max_length, precompute_ref_log_probs=False,
+                         **trl_training_args(config, max_steps=settings.steps))
         trainer = DPOTrainer(model=path, args=args, processing_class=load_tokenizer(path), callbacks=[timer],
-                             train_dataset=_json_dataset(get_task(settings.task).pairs,
-                                                         settings.steps * settings.pairs_per_step))
+                             train_dataset=_json_dataset(config.dataset or get_task(config.task).pairs,
+                                                         settings.steps * config.per_device_train_batch_size))
         trainer.train()
     return {"steps": len(timer.times), "time/step": _median_after_warmup(timer.times, settings.warmup_steps)}
 
@@ -267,27 +262,21 @@ def constant_reward(completions, **kwargs) -> list[float]:
 
 def run_trl_rloo(settings: BenchSettings) -> dict[str, Any]:
     """TRL's RLOOTrainer on the same prompts, k, completion length and KL coefficient, constant reward."""
-    import torch
     from trl import RLOOConfig, RLOOTrainer
 
-    from hypo.lab.rlhf import TRL_CPU_SETTINGS
     from hypo.models import load_tokenizer, resolve_model_path
     from hypo.tasks import get_task
+    from hypo.trl_args import trl_rloo_args
 
-    path = resolve_model_path(settings.model)
+    config = settings.config
+    path = resolve_model_path(config.model_name_or_path, config.gguf_file)
     timer = _step_timer()
-    completions = settings.prompts_per_step * settings.num_generations
     with tempfile.TemporaryDirectory() as tmp:
-        args = RLOOConfig(output_dir=tmp, per_device_train_batch_size=completions, steps_per_generation=1,
-                          num_generations=settings.num_generations, max_steps=settings.steps,
-                          max_completion_length=settings.max_completion_length, beta=settings.kl_coef,
-                          learning_rate=settings.learning_rate, temperature=1.0, top_p=1.0, top_k=0,
-                          seed=settings.seed, logging_steps=1, model_init_kwargs={"dtype": torch.float32},
-                          **TRL_CPU_SETTINGS)
+        args = RLOOConfig(output_dir=tmp, **trl_rloo_args(config, max_steps=settings.steps))
         trainer = RLOOTrainer(model=path, reward_funcs=constant_reward, args=args, callbacks=[timer],
                               processing_class=load_tokenizer(path),
-                              train_dataset=_json_dataset(get_task(settings.task).prompts,
-                                                          settings.steps * settings.prompts_per_step))
+                              train_dataset=_json_dataset(config.prompts or get_task(config.task).prompts,
+                                                          settings.steps * config.per_device_prompt_batch_size))
         trainer.train()
     return {"steps": len(timer.times), "time/step": _median_after_warmup(timer.times, settings.warmup_steps)}
 
@@ -304,9 +293,9 @@ def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
     if name == "machine":
         result = measure_machine(settings)
     elif name == "dpo":
-        result = run_ours(settings, "dpo", settings.prompts_per_step)
+        result = run_ours(settings, "dpo", settings.config.per_device_prompt_batch_size)
     elif name == "hypo":
-        result = run_ours(settings, "hypo", settings.prompts_per_step)
+        result = run_ours(settings, "hypo", settings.config.per_device_prompt_batch_size)
     elif name.startswith("hypo-prompts"):
         result = run_ours(settings, "hypo", int(name.removeprefix("hypo-prompts")))
     elif name == "trl-dpo":
@@ -320,7 +309,7 @@ def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
 
 
 def _spawn(name: str, settings: BenchSettings) -> dict[str, Any]:
-    command = [sys.executable, "-m", "hypo.bench", "--variant", name, "--settings", json.dumps(asdict(settings))]
+    command = [sys.executable, "-m", "hypo.bench", name, settings.to_json()]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -372,12 +361,12 @@ def _meets(name: str, value: float) -> str:
 
 
 def markdown(results: dict[str, dict[str, Any]], computed: dict[str, float], settings: BenchSettings) -> str:
-    machine = results["machine"]
+    machine, config = results["machine"], settings.config
     lines = [
-        f"Workload: {settings.pairs_per_step} pairs + {settings.prompts_per_step} prompts x "
-        f"{settings.num_generations} samples of up to {settings.max_completion_length} tokens per step; "
+        f"Workload: {config.per_device_train_batch_size} pairs + {config.per_device_prompt_batch_size} prompts x "
+        f"{config.num_generations} samples of up to {config.max_completion_length} tokens per step; "
         f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps; model "
-        f"{settings.model or 'embedded SmolLM2-135M-Instruct'} ({machine['params'] / 1e6:.1f}M params, fp32).",
+        f"{config.model_name_or_path} ({machine['params'] / 1e6:.1f}M params, {config.dtype}).",
         "",
         f"Machine: matmul {machine['matmul_flops'] / 1e9:.0f} GFLOP/s, copy {machine['copy_bytes_per_second'] / 1e9:.1f}"
         f" GB/s (read+write traffic), sum-read {machine.get('read_bytes_per_second', float('nan')) / 1e9:.1f} GB/s;"
@@ -417,39 +406,41 @@ def bench(settings: BenchSettings, output: Path) -> dict[str, Any]:
     return report
 
 
-def bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hypo bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="Model (default: the embedded SmolLM2-135M-Instruct).")
-    p.add_argument("--warmup-steps", type=int, default=2, help="Steps not counted.")
-    p.add_argument("--measured-steps", type=int, default=5, help="Steps whose median is reported.")
-    p.add_argument("--no-trl", action="store_true", help="Skip the TRL variants.")
-    p.add_argument("--quick", action="store_true", help="One warm-up and one measured step, completions of 8 tokens "
-                   "(checks the wiring, e.g. on a tiny --model; the numbers mean nothing).")
-    p.add_argument("--output", default="bench/bench_results.json", help="JSON results (a .md table beside it).")
-    p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
-    return p
+@dataclass
+class BenchOptions:
+    """`hypo bench`'s own options (the workload takes every `hypo train` option)."""
+
+    warmup_steps: int = field(default=2, metadata={"help": "Steps not counted."})
+    measured_steps: int = field(default=5, metadata={"help": "Steps whose median is reported."})
+    trl: bool = field(default=True, metadata={"help": "Also run TRL's DPOTrainer and RLOOTrainer (--no_trl: skip)."})
+    quick: bool = field(default=False, metadata={
+        "help": "One warm-up and one measured step, completions of 8 tokens (checks the wiring, e.g. on a tiny "
+                "--model_name_or_path; the numbers mean nothing)."})
+    output: str = field(default="bench/bench_results.json", metadata={"help": "JSON results (a .md table beside it)."})
+
+
+def bench_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser((BenchOptions, HyPOConfig), prog="hypo bench", description=__doc__.split("\n\n")[0] +
+                            " The workload takes every hypo train option (defaults: the default training run).")
 
 
 def run_bench(argv: list[str]) -> int:
-    args = bench_parser().parse_args(argv)
-    if args.variant:  # a child process: one variant, one JSON line
-        raw = json.loads(args.settings)
-        raw["fewer_prompts"] = tuple(raw["fewer_prompts"])
-        print(RESULT_PREFIX + json.dumps(run_variant(args.variant, BenchSettings(**raw))), flush=True)
-        return 0
-    settings = BenchSettings(model=args.model, warmup_steps=args.warmup_steps, measured_steps=args.measured_steps,
-                             trl=not args.no_trl)
-    if args.quick:
-        settings.warmup_steps, settings.measured_steps, settings.max_completion_length = 1, 1, 8
-        settings.fewer_prompts = (1,)
-    report = bench(settings, Path(args.output))
-    print(Path(args.output).with_suffix(".md").read_text())
-    return 0 if report else 1
+    options, config = bench_parser().parse_args_into_dataclasses(argv)
+    settings = BenchSettings(config=replace(config, eval_at_end=False), warmup_steps=options.warmup_steps,
+                             measured_steps=options.measured_steps, trl=options.trl)
+    if options.quick:
+        settings.warmup_steps, settings.measured_steps, settings.fewer_prompts = 1, 1, (1,)
+        settings.config = replace(settings.config, max_completion_length=8)
+    bench(settings, Path(options.output))
+    print(Path(options.output).with_suffix(".md").read_text())
+    return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a child process of `bench`: one variant, one JSON line
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(run_bench(sys.argv[1:]))
+    variant, settings_json = sys.argv[1:3]
+    print(RESULT_PREFIX + json.dumps(run_variant(variant, BenchSettings.from_json(settings_json))), flush=True)
