@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from hypo.judges import NEGATIVE_WORDS, POSITIVE_WORDS, ReviewSentimentJudge
+from hypo.tasks.reviews.judge import NEGATIVE_WORDS, POSITIVE_WORDS, ReviewSentimentJudge
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "src" / "hypo" / "tasks" / "reviews"
@@ -323,7 +323,7 @@ def data_card(args: argparse.Namespace, s: dict) -> str:
     return f"""# Task "reviews" (the default task)
 
 Short reviews of made-up items. The gold judge is `review-sentiment`
-(`hypo.judges.ReviewSentimentJudge`): it prefers positive, non-repetitive reviews of at most 60
+(`hypo.tasks.reviews.judge.ReviewSentimentJudge`): it prefers positive, non-repetitive reviews of at most 60
 words. It labels the offline pairs and scores evaluations; it is never a training reward.
 
 ## Files
@@ -393,7 +393,7 @@ apostrophes read as straight) and `n = len(tokens)`:
 - `P` / `N` = number of distinct lexicon words seen with polarity +1 / -1;
 - `score = P - N - 0.05 * max(0, n - 60) - (1.0 if n < 3 else 0) + 0.01 * len(set(tokens)) / n`.
 
-The lexicons (about 100 words each) are in `src/hypo/judges.py`. The prompt is not used.
+The lexicons (about 100 words each) are in `src/hypo/tasks/reviews/judge.py`. The prompt is not used.
 """
 
 

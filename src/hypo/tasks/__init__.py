@@ -9,12 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_TASK", "TASK_JUDGES", "TaskFiles", "available_tasks", "get_task"]
+__all__ = ["DEFAULT_TASK", "TASK_JUDGES", "TaskFiles", "available_tasks", "get_task", "task_judges"]
 
 DEFAULT_TASK = "reviews"
 
 TASK_JUDGES: dict[str, str] = {"reviews": "review-sentiment"}
 """Gold judge name (see `hypo.judges.get_judge`) of each bundled task."""
+
+
+def task_judges() -> dict:
+    """The bundled tasks' gold judges: name -> factory (each lives with its task)."""
+    from hypo.tasks.reviews.judge import ReviewSentimentJudge
+
+    return {ReviewSentimentJudge.name: ReviewSentimentJudge}
 
 _FILES = ("pairs.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
 
