@@ -20,17 +20,33 @@ def _records(result) -> list[dict]:
 def test_periodic_evaluation_logs_eval_keys_and_leaves_training_unchanged(tiny_model_dir, tiny_task, tmp_path):
     plain = train(_config(tiny_model_dir, tiny_task, tmp_path, "plain", max_steps=3, eval_at_end=False))
     evaluated = train(_config(tiny_model_dir, tiny_task, tmp_path, "periodic", max_steps=3, eval_at_end=False,
-                              eval_steps=1, eval_max_prompts_during_training=2))
+                              eval_steps=1, eval_max_prompts_during_training=2, save_steps=1))
     records = _records(evaluated)
     evals = [r for r in records if "eval_objective/kl" in r]
     assert [r["step"] for r in evals] == [1, 2, 3]  # no final evaluation: the last step is evaluated here
-    for record in evals:
-        assert record["eval_num_prompts"] == 2 and record["eval_objective/kl_se"] >= 0
-        assert 0 <= record["eval_win_rate"] <= 1
+    assert all(r["eval_num_prompts"] == 2 for r in evals)
+    # the evaluation at step 2 is the evaluation of the model after step 2 (its checkpoint), same seed
+    direct = _evaluate_saved(evaluated.output_dir / "checkpoint-2", tiny_model_dir, tiny_task, evaluated)
+    assert evals[1]["eval_objective/kl"] == pytest.approx(direct["objective/kl"], abs=1e-5)
+    assert evals[1]["eval_win_rate"] == direct["win_rate"] and evals[1]["eval_objective/kl"] != 0
     train_plain = [r for r in _records(plain) if "loss" in r]
     train_evaluated = [r for r in records if "loss" in r]
     assert [r["loss"] for r in train_plain] == [r["loss"] for r in train_evaluated]
     _assert_same_weights(plain.model_dir, evaluated.model_dir, atol=0)
+
+
+def _evaluate_saved(model_dir, reference_dir, tiny_task, result) -> dict:
+    from hypo.data import load_prompt_data
+    from hypo.evaluate import evaluate_policy
+    from hypo.models import Reference, load_causal_lm, load_tokenizer
+
+    config = json.loads((result.output_dir / "config.json").read_text())
+    tokenizer = load_tokenizer(str(model_dir))
+    prompts, _ = load_prompt_data(str(tiny_task["eval_prompts"]), tokenizer, max_prompt_length=config["max_prompt_length"])
+    return evaluate_policy(load_causal_lm(str(model_dir)), Reference(load_causal_lm(str(reference_dir))), tokenizer,
+                           prompts[:2], judge="review-sentiment", num_samples=config["eval_num_samples"],
+                           max_new_tokens=config["max_completion_length"], batch_size=config["eval_batch_size"],
+                           seed=config["seed"])["metrics"]
 
 
 def test_final_evaluation_is_not_repeated_at_the_last_step(tiny_model_dir, tiny_task, tmp_path):
