@@ -59,11 +59,17 @@ def train_parser():
 
 
 def parse_train_args(argv: list[str]) -> HyPOConfig:
-    """Options from `--config` first, then the flags; unknown options are an error."""
+    """Options of the run being resumed (its config.json) first, then `--config`, then the flags; unknown
+    options are an error."""
     parser = train_parser()
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
+    for name in ("--config", "--resume_from_checkpoint", "--output_dir"):
+        pre.add_argument(name)
     pre_args, _ = pre.parse_known_args(argv)
+    if pre_args.resume_from_checkpoint:
+        run_dir = Path(pre_args.output_dir) if pre_args.output_dir else Path(pre_args.resume_from_checkpoint).parent
+        if (run_dir / "config.json").is_file():
+            parser.set_defaults(**read_config_file(run_dir / "config.json"))
     if pre_args.config:
         parser.set_defaults(**read_config_file(pre_args.config))
     namespace = parser.parse_args(argv)
@@ -73,10 +79,18 @@ def parse_train_args(argv: list[str]) -> HyPOConfig:
 
 def run_train(argv: list[str]) -> int:
     from hypo.evaluate import format_summary
-    from hypo.trainer import train
+    from hypo.trainer import NonFiniteError, TrainingInterrupted, train
 
     config = parse_train_args(argv)
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingInterrupted as stop:
+        print(f"\nhypo train: {stop}\n  resume with: hypo train --resume_from_checkpoint {stop.checkpoint}",
+              file=sys.stderr)
+        return stop.exit_code
+    except NonFiniteError as error:
+        print(f"hypo train: error: {error}", file=sys.stderr)
+        return 1
     if not result.is_main_process:
         return 0
     m, settings = result.final_metrics, (result.eval or {}).get("settings")

@@ -94,7 +94,16 @@ class HyPOConfig:
     # --- outputs ----------------------------------------------------------------------------------------
     output_dir: str | None = _help("Where to write config, metrics, checkpoints and the model; default runs/<method>-<time>.")
     logging_steps: int = _help("Write metrics every N optimizer steps.", 1)
-    save_steps: int = _help("Save a checkpoint every N steps (0: only the final model).", 0)
+    save_steps: int = _help("Save a checkpoint every N steps (0: only the final model). A checkpoint holds the "
+                            "model in Hugging Face format and the full training state, so a run can resume from it.",
+                            0)
+    save_total_limit: int | None = _help("Keep only the newest N checkpoints (default: all).")
+    resume_from_checkpoint: str | None = _help(
+        "Continue a run from a checkpoint folder, or 'latest' (the newest in output_dir): the same run, into the "
+        "same output_dir, with the same result as an uninterrupted run.")
+    overwrite_output_dir: bool = _help(
+        "Start a new run in an output_dir that holds one; the old run is moved aside to <output_dir>.previous-<time>, "
+        "not deleted.", False)
     report_to: str = _help("Extra trackers, comma-separated: tensorboard, wandb, trackio, or none.", "none")
     eval_at_end: bool = _help("Evaluate on the held-out prompts after training.", True)
     eval_max_prompts: int = _help("Held-out prompts used by the end-of-run evaluation (0: all).", 64)
@@ -150,6 +159,10 @@ def _problems(c: HyPOConfig):
         yield f"learning_rate must be > 0, got {c.learning_rate}"
     if c.save_steps < 0 or c.eval_max_prompts < 0:
         yield "save_steps and eval_max_prompts must be >= 0"
+    if c.save_total_limit is not None and c.save_total_limit < 1:
+        yield f"save_total_limit must be >= 1, got {c.save_total_limit}"
+    if c.resume_from_checkpoint == "latest" and not c.output_dir:
+        yield "resume_from_checkpoint latest needs output_dir (the run folder to continue)"
     if c.eval_steps < 0 or c.eval_max_prompts_during_training < 0:
         yield "eval_steps and eval_max_prompts_during_training must be >= 0"
 

@@ -622,22 +622,45 @@ def load_training_data(config, tokenizer: PreTrainedTokenizerBase, *, with_promp
     return TrainingData(pairs, prompts, eval_prompts, judge)
 
 
-def shuffled_loader(items: list[dict], batch_size: int, collate_fn, seed: int, what: str):
-    """A DataLoader over full batches in a seeded random order."""
-    from torch.utils.data import DataLoader
+class ShuffledBatches:
+    """Endless batches of `items` in a seeded random order, reshuffled every epoch, for one process of
+    `num_processes`. The order is the one a shuffling `DataLoader` with a generator seeded with `seed` draws,
+    epoch after epoch from the same generator (tested equal); full batches only. Process i takes global
+    batches i, i + P, i + 2P, ... The position is a number of batches, so a resumed run continues exactly
+    where it stopped: `start` is how many batches this process has already taken.
+    """
 
-    if len(items) < batch_size:
-        raise ValueError(f"{len(items)} {what} is fewer than one batch of {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
-                      generator=generator)
+    def __init__(self, items: list[dict], batch_size: int, collate_fn, *, seed: int, what: str,
+                 process_index: int = 0, num_processes: int = 1, device: torch.device | str = "cpu",
+                 start: int = 0) -> None:
+        self.batches_per_epoch = len(items) // batch_size // num_processes * num_processes
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(items)} {what} is fewer than one batch of {batch_size} on each of "
+                             f"{num_processes} process(es)")
+        self.items, self.batch_size, self.collate_fn, self.device = items, batch_size, collate_fn, device
+        self.seed, self.process_index, self.num_processes = seed, process_index, num_processes
+        self.position = start
+        self._generator, self._epoch, self._order = torch.Generator().manual_seed(seed), -1, []
 
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch < self._epoch:  # only forward in normal use; restart the draws otherwise
+            self._generator, self._epoch = torch.Generator().manual_seed(self.seed), -1
+        while self._epoch < epoch:
+            # the draws of a shuffling DataLoader's epoch: a base seed for its workers, the order, and the
+            # (empty) remainder its RandomSampler draws before it stops
+            torch.empty((), dtype=torch.int64).random_(generator=self._generator)
+            self._order = torch.randperm(len(self.items), generator=self._generator).tolist()
+            torch.randperm(len(self.items), generator=self._generator)
+            self._epoch += 1
+        return self._order
 
-def batches_forever(loader):
-    """Endless batches, reshuffled every epoch."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        index = self.position * self.num_processes + self.process_index  # global batch index
+        self.position += 1
+        order = self._epoch_order(index // self.batches_per_epoch)
+        start = (index % self.batches_per_epoch) * self.batch_size
+        batch = self.collate_fn([self.items[i] for i in order[start : start + self.batch_size]])
+        return {key: value.to(self.device) for key, value in batch.items()}

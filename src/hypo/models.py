@@ -174,18 +174,25 @@ class Reference:
         return self
 
 
-def load_policy_and_reference(config):
-    """Tokenizer, trainable policy, and the frozen reference of a `HyPOConfig`."""
+def load_policy_and_reference(config, checkpoint: Path | None = None):
+    """Tokenizer, trainable policy, and the frozen reference of a `HyPOConfig`. Resuming, the policy comes
+    from `checkpoint` (a `checkpoint-N` folder) and the reference stays the run's initial model."""
     policy_path = resolve_model_path(config.model_name_or_path, config.gguf_file)
     tokenizer = load_tokenizer(policy_path)
-    policy = load_causal_lm(policy_path, config.dtype)
+    full_weights = str(checkpoint) if checkpoint is not None and not config.use_peft else policy_path
+    policy = load_causal_lm(full_weights, config.dtype)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if config.use_peft:
         if config.ref_model_name_or_path:
             raise ValueError("use_peft takes the base model as the reference; drop ref_model_name_or_path")
-        policy = add_lora(policy, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=config.lora_target_modules)
+        if checkpoint is not None:
+            from peft import PeftModel
+
+            policy = PeftModel.from_pretrained(policy, str(checkpoint / "adapter"), is_trainable=True)
+        else:
+            policy = add_lora(policy, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                              target_modules=config.lora_target_modules)
         return tokenizer, policy, Reference(peft_policy=policy)
     ref_path = resolve_model_path(config.ref_model_name_or_path) if config.ref_model_name_or_path else policy_path
     return tokenizer, policy, Reference(load_causal_lm(ref_path, config.dtype))

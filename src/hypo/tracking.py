@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,12 +16,16 @@ class RunLogger:
     Without an accelerator (one process, e.g. a run driven by another trainer) it writes the file only."""
 
     def __init__(self, output_dir: str | Path, accelerator=None, report_to: list[str] | None = None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, resume_after: int | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.accelerator = accelerator
         self.is_main_process = accelerator is None or accelerator.is_main_process
         if self.is_main_process:
-            self.path.write_text("")  # a rerun into the same folder starts a fresh file
+            kept = []
+            if resume_after is not None and self.path.is_file():  # a resumed run continues the file
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_after]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.trackers = bool(report_to) and accelerator is not None
         if self.trackers:
             accelerator.init_trackers("hypo", config={k: v for k, v in (config or {}).items() if v is not None})
@@ -30,7 +35,7 @@ class RunLogger:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.trackers:
             self.accelerator.log(metrics, step=step)
 
@@ -40,7 +45,9 @@ class RunLogger:
 
 
 def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+    """A JSON value: tensors become numbers; NaN and infinities (not JSON) become null."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class StepTimer:

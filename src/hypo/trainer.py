@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,29 @@ import torch
 from hypo.config import HyPOConfig, save_config
 from hypo.steps import StepContext, dpo_step, kl_step
 from hypo.tracking import RunLogger
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after an optimizer step; a checkpoint to resume from was saved."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: Path):
+        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
+        super().__init__(f"stopped by signal {signal_number} after step {step}; checkpoint saved to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal_number  # 130 for SIGINT, 143 for SIGTERM
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or the gradient was not finite: the optimizer did not step on it."""
+
+    def __init__(self, step: int, problem: str, last_checkpoint: Path | None):
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
+            "no checkpoint was saved (--save_steps N saves them)"
+        super().__init__(f"step {step}: {problem} is not finite (NaN or inf); the optimizer did not step on it and "
+                         f"no final model was saved; {where}. A lower learning_rate or kl_coef, or gradient clipping "
+                         "(max_grad_norm), usually helps.")
 
 
 @dataclass
@@ -58,59 +80,82 @@ def gradient_sync(accelerator, model, sync: bool):
 
 
 def train(config: HyPOConfig) -> RunResult:
-    """Fine-tune with HyPO or DPO as configured; write config, metrics, the model and its evaluation."""
+    """Fine-tune with HyPO or DPO as configured; write config, metrics, the model and its evaluation.
+
+    Raises `TrainingInterrupted` after saving a checkpoint when SIGINT or SIGTERM arrives, and
+    `NonFiniteError` (without stepping the optimizer) when a loss or the gradient is not finite."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from hypo.checkpoints import save_model
-    from hypo.data import PairCollator, PromptCollator, batches_forever, load_training_data, shuffled_loader
+    from hypo.checkpoints import (
+        TrainerState,
+        checkpoint_step,
+        move_aside,
+        run_folder,
+        save_checkpoint,
+        save_model,
+        skip_model_weights,
+    )
+    from hypo.data import PairCollator, PromptCollator, ShuffledBatches, load_training_data
     from hypo.evaluate import evaluate_during_training
     from hypo.models import load_policy_and_reference
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     online = config.method == "hypo"  # the one place the method decides what runs
-    output_dir = _output_dir(config)
+    output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(output_dir), cpu=_multi_process_cpu())
     seed_everything(config.seed)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and checkpoint is None:
+        move_aside(output_dir)  # only with overwrite_output_dir: run_folder refused otherwise
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir)
+    accelerator.wait_for_everyone()
 
-    tokenizer, policy, reference = load_policy_and_reference(config)
+    tokenizer, policy, reference = load_policy_and_reference(config, checkpoint)
     data = load_training_data(config, tokenizer, with_prompts=online)
-    pair_loader = shuffled_loader(data.pairs, config.per_device_train_batch_size, PairCollator(tokenizer.pad_token_id),
-                                  config.seed, "pairs")
-    ga = config.gradient_accumulation_steps
+    ga, start_step = config.gradient_accumulation_steps, checkpoint_step(checkpoint) if checkpoint else 0
+    shard = {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
+             "device": accelerator.device, "start": start_step * ga}  # batches this process has taken
+    pairs = ShuffledBatches(data.pairs, config.per_device_train_batch_size, PairCollator(tokenizer.pad_token_id),
+                            seed=config.seed, what="pairs", **shard)
+    if online:
+        prompts = ShuffledBatches(data.prompts, config.per_device_prompt_batch_size,
+                                  PromptCollator(tokenizer.pad_token_id), seed=config.seed + 1, what="prompts", **shard)
     total_steps = config.max_steps if config.max_steps > 0 else \
-        max(1, math.ceil(config.num_train_epochs * len(pair_loader) / accelerator.num_processes / ga))
+        max(1, math.ceil(config.num_train_epochs * pairs.batches_per_epoch / accelerator.num_processes / ga))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, config, accelerator.device)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    policy, optimizer, pair_loader = accelerator.prepare(policy, optimizer, pair_loader)
-    pairs = batches_forever(pair_loader)
-    if online:
-        prompt_loader = shuffled_loader(data.prompts, config.per_device_prompt_batch_size,
-                                        PromptCollator(tokenizer.pad_token_id), config.seed + 1, "prompts")
-        prompts = batches_forever(accelerator.prepare(prompt_loader))
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     reference.to(accelerator.device)
+    state = TrainerState(step=start_step, ref_cache={} if config.precompute_ref_log_probs else None)
+    accelerator.register_for_checkpointing(scheduler, state)
+    skip_model_weights(accelerator)  # checkpoints hold the weights once, in Hugging Face format
+    if checkpoint:
+        accelerator.load_state(str(checkpoint / "training_state"))  # optimizer, schedule, RNG, state
     ctx = StepContext(policy=policy, sampler=accelerator.unwrap_model(policy), reference=reference, config=config,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       share_prompt=config.share_prompt_forward and not config.gradient_checkpointing,
-                      ref_cache={} if config.precompute_ref_log_probs else None)
+                      ref_cache=state.ref_cache)
     one_backward = runs_one_backward(accelerator, online)
-    run_logger = RunLogger(output_dir, accelerator, trackers, config.to_dict())
+    run_logger = RunLogger(output_dir, accelerator, trackers, config.to_dict(), resume_after=start_step if checkpoint else None)
+
+    def save(step: int) -> Path:
+        state.step = step
+        return save_checkpoint(accelerator, policy, tokenizer, output_dir, step, config.save_total_limit)
 
     policy.train()
-    start, final_metrics = time.perf_counter(), {}
-    progress = tqdm(range(1, total_steps + 1), desc=config.method, disable=not accelerator.is_local_main_process)
+    start, final_metrics, stop = time.perf_counter(), {}, StopSignals()
+    progress = tqdm(range(start_step + 1, total_steps + 1), desc=config.method, initial=start_step, total=total_steps,
+                    disable=not accelerator.is_local_main_process)
     for step in progress:
         timer, step_start = ctx.timer.reset(), time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
-        tokens = torch.zeros((), device=accelerator.device)
+        tokens, finite = torch.zeros((), device=accelerator.device), torch.ones(2, device=accelerator.device)
         for micro in range(ga):
             last_micro = micro == ga - 1
             # 1. offline term on a batch of pairs, backpropagated at once: its activations are freed
@@ -120,6 +165,7 @@ def train(config: HyPOConfig) -> RunResult:
                 if not one_backward:
                     accelerator.backward(offline.loss / ga)
             loss, metrics, tokens = offline.loss.detach(), offline.metrics, tokens + offline.tokens
+            finite[0] *= torch.isfinite(loss)
             # 2. (HyPO) online term: k fresh samples per prompt from the current policy
             if online:
                 with gradient_sync(accelerator, policy, sync=last_micro):
@@ -127,29 +173,41 @@ def train(config: HyPOConfig) -> RunResult:
                     online_loss = config.kl_coef * kl.loss  # loss = loss_dpo + lambda * loss_kl
                     accelerator.backward((offline.loss + online_loss if one_backward else online_loss) / ga)
                 loss, metrics, tokens = loss + online_loss.detach(), {**metrics, **kl.metrics}, tokens + kl.tokens
+                finite[1] *= torch.isfinite(online_loss.detach())
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] += float(value) / ga
-        # 3. one optimizer step on the accumulated gradient
+        # 3. one optimizer step on the accumulated gradient, never on a non-finite one
         with timer("optimizer"):
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm \
                 else _grad_norm(trainable)
-            optimizer.step()
-            scheduler.step()
+            problem = _non_finite(accelerator, finite, grad_norm)
+            if problem is None:
+                optimizer.step()
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
         step_seconds = time.perf_counter() - step_start
-        if step % config.logging_steps == 0 or step == total_steps:
+        if problem or step % config.logging_steps == 0 or step == total_steps:
             final_metrics = _step_metrics(accelerator, sums, grad_norm, scheduler, tokens, timer.seconds, step_seconds)
             run_logger.log(final_metrics, step)
             progress.set_postfix({k.split("/")[-1]: f"{final_metrics[k]:.3g}" for k in
                                   ("loss", "rewards/margins", "objective/kl") if k in final_metrics})
-        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-            save_model(accelerator, policy, tokenizer, output_dir / f"checkpoint-{step}")
+        if problem:
+            run_logger.close()
+            raise NonFiniteError(step, problem, _last_checkpoint(output_dir))
+        stopping = stop.received(accelerator) and step < total_steps  # every process agrees
+        if stopping or (config.save_steps and step % config.save_steps == 0 and step < total_steps):
+            saved = save(step)
+            if stopping:
+                run_logger.close()
+                raise TrainingInterrupted(stop.signal, step, saved)
         if config.eval_steps and step % config.eval_steps == 0 and data.eval_prompts and \
                 not (step == total_steps and config.eval_at_end):  # the final evaluation covers the last step
             evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step)
+    stop.restore()
     seconds = time.perf_counter() - start
 
+    _check_finite_weights(accelerator.unwrap_model(policy), total_steps, output_dir)
     model_dir = output_dir / "model"
     save_model(accelerator, policy, tokenizer, model_dir)
     result = RunResult(output_dir, model_dir, total_steps, seconds, final_metrics,
@@ -170,12 +228,6 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _output_dir(config: HyPOConfig) -> Path:
-    if config.output_dir:
-        return Path(config.output_dir)
-    return Path("runs") / f"{config.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def _multi_process_cpu() -> bool:
     """Several processes without a GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
     host): accelerate then needs cpu=True to set up gloo data parallelism."""
@@ -187,6 +239,76 @@ def _multi_process_cpu() -> bool:
 def _grad_norm(parameters) -> torch.Tensor:
     norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+class StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the current optimizer step (and save); a second SIGINT
+    exits at once. Handlers are installed only in the main thread, and restored by `restore`."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.signal: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        import os
+        import sys
+
+        if self.signal is not None and number == 2:  # a second Ctrl-C
+            os._exit(130)
+        self.signal = number
+        print(f"\nhypo: signal {number}: stopping after this optimizer step (saving a checkpoint); "
+              "press Ctrl-C again to exit at once", file=sys.stderr, flush=True)
+
+    def received(self, accelerator) -> bool:
+        """Whether any process received a stop signal (all processes agree on the step they stop at)."""
+        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "sum")
+            if flag > 0 and self.signal is None:
+                import signal
+
+                self.signal = signal.SIGTERM
+        return bool(flag > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+
+def _non_finite(accelerator, finite: torch.Tensor, grad_norm) -> str | None:
+    """Which term (dpo, kl) or the gradient norm is not finite on any process; None when all are finite."""
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, "sum") == accelerator.num_processes
+    if not finite[0]:
+        return "the offline (dpo) loss"
+    if not finite[1]:
+        return "the online (kl) loss"
+    if not math.isfinite(float(grad_norm)):
+        return "the gradient norm"
+    return None
+
+
+def _last_checkpoint(output_dir: Path) -> Path | None:
+    from hypo.checkpoints import list_checkpoints
+
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _check_finite_weights(model, step: int, output_dir: Path) -> None:
+    """Never save a non-finite model as final."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise NonFiniteError(step, f"weight {name}", _last_checkpoint(output_dir))
 
 
 def _step_metrics(accelerator, sums, grad_norm, scheduler, tokens, phase_seconds: dict[str, float],

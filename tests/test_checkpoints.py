@@ -1,0 +1,192 @@
+"""Checkpoints and resuming: a run killed (SIGKILL) or stopped (SIGTERM) after a checkpoint and resumed
+ends with the same weights as the uninterrupted run; interrupted saves leave nothing half-written;
+a run folder is never mixed with another run; checkpoints rotate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import FAST, _weights
+
+from hypo.config import HyPOConfig
+from hypo.trainer import train
+
+SLOW_ENOUGH = {"max_steps": 24, "save_steps": 2, "num_threads": 1, "eval_at_end": False}
+
+
+def _options(tiny_model_dir, tiny_task, output_dir, method, **overrides) -> dict:
+    return {"model_name_or_path": str(tiny_model_dir), "dataset": str(tiny_task["pairs"]),
+            "prompts": str(tiny_task["prompts"]), "judge": "review-sentiment", "method": method,
+            "output_dir": str(output_dir), **FAST, **SLOW_ENOUGH, **overrides}
+
+
+def _command(options: dict, processes: int = 1) -> list[str]:
+    args = [sys.executable, "-m", "hypo.cli", "train"]
+    if processes > 1:
+        args = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
+                str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_cpu_threads_per_process", "1", "--main_process_port", "29541", "-m", "hypo.cli", "train"]
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _start_and_signal(options: dict, number: int, when, processes: int = 1) -> subprocess.CompletedProcess:
+    """Start `hypo train` (its own process group), send `number` to the group as soon as `when()` holds,
+    wait for its end."""
+    process = subprocess.Popen(_command(options, processes), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not when() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before the signal: make it longer"
+    if processes > 1:  # the launcher's workers may run in sessions of their own: signal each of them
+        import psutil
+
+        for child in psutil.Process(process.pid).children(recursive=True):
+            child.send_signal(number)
+    os.killpg(process.pid, number)
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _run(options: dict, processes: int) -> None:
+    done = subprocess.run(_command(options, processes), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _train_records(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["dpo", "hypo"])
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tiny_task, tmp_path, method):
+    whole = train(HyPOConfig(**_options(tiny_model_dir, tiny_task, tmp_path / "whole", method)))
+    killed_dir = tmp_path / "killed"
+    options = _options(tiny_model_dir, tiny_task, killed_dir, method)
+    done = _start_and_signal(options, signal.SIGKILL, lambda: (killed_dir / "checkpoint-2").is_dir())
+    assert done.returncode == -signal.SIGKILL
+    assert not (killed_dir / "model").exists()
+    resumed = train(HyPOConfig(**{**options, "resume_from_checkpoint": "latest"}))
+    _assert_identical(whole.model_dir, resumed.model_dir)
+    # metrics.jsonl continues: each step once, the same numbers as the uninterrupted run
+    records, expected = _train_records(killed_dir), _train_records(whole.output_dir)
+    assert [r["step"] for r in records] == list(range(1, 25))
+    assert [r["loss"] for r in records] == [r["loss"] for r in expected]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model_dir, tiny_task, tmp_path):
+    whole = train(HyPOConfig(**_options(tiny_model_dir, tiny_task, tmp_path / "whole", "hypo", save_steps=0)))
+    run_dir = tmp_path / "stopped"
+    options = _options(tiny_model_dir, tiny_task, run_dir, "hypo", save_steps=0)
+    metrics = run_dir / "metrics.jsonl"
+    done = _start_and_signal(options, signal.SIGTERM, lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1)
+    assert done.returncode == 143, done.stderr[-2000:]
+    checkpoints = sorted(run_dir.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and "resume with: hypo train --resume_from_checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr
+    resumed = train(HyPOConfig(**{**options, "resume_from_checkpoint": str(checkpoints[0])}))
+    _assert_identical(whole.model_dir, resumed.model_dir)
+
+
+def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tiny_model_dir, tiny_task, tmp_path):
+    from hypo.checkpoints import list_checkpoints, resolve_checkpoint
+
+    run_dir = tmp_path / "run"
+    train(HyPOConfig(**_options(tiny_model_dir, tiny_task, run_dir, "dpo", max_steps=5)))
+    (run_dir / "checkpoint-6.partial").mkdir()  # what a kill while saving step 6 leaves
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
+    assert resolve_checkpoint("latest", run_dir).name == "checkpoint-4"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(run_dir / "checkpoint-6.partial"), run_dir)
+
+
+def test_save_total_limit_keeps_the_newest(tiny_model_dir, tiny_task, tmp_path):
+    run_dir = tmp_path / "run"
+    train(HyPOConfig(**_options(tiny_model_dir, tiny_task, run_dir, "dpo", max_steps=5, save_steps=1,
+                                save_total_limit=2)))
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_a_folder_holding_a_run_is_refused_or_moved_aside(tiny_model_dir, tiny_task, tmp_path):
+    run_dir = tmp_path / "run"
+    options = _options(tiny_model_dir, tiny_task, run_dir, "dpo", max_steps=1, save_steps=0)
+    train(HyPOConfig(**options))
+    before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(HyPOConfig(**{**options, "beta": 0.5}))
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert json.loads((run_dir / "config.json").read_text())["beta"] == 0.1  # not rewritten by the refused run
+    train(HyPOConfig(**{**options, "beta": 0.5, "overwrite_output_dir": True}))
+    (previous,) = tmp_path.glob("run.previous-*")
+    assert (previous / "metrics.jsonl").read_text() == before and (previous / "model" / "config.json").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["beta"] == 0.5
+
+
+def test_resuming_with_other_settings_is_refused(tiny_model_dir, tiny_task, tmp_path):
+    run_dir = tmp_path / "run"
+    options = _options(tiny_model_dir, tiny_task, run_dir, "dpo", max_steps=3)
+    train(HyPOConfig(**options))
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(HyPOConfig(**{**options, "learning_rate": 0.5, "resume_from_checkpoint": "latest"}))
+
+
+def test_resume_on_the_command_line_reads_the_runs_settings(tiny_model_dir, tiny_task, tmp_path):
+    from hypo.cli import parse_train_args
+
+    run_dir = tmp_path / "run"
+    train(HyPOConfig(**_options(tiny_model_dir, tiny_task, run_dir, "dpo", max_steps=3, beta=0.3)))
+    config = parse_train_args(["--resume_from_checkpoint", str(run_dir / "checkpoint-2")])
+    assert config.beta == 0.3 and config.output_dir == str(run_dir) and config.max_steps == 3
+
+
+def test_non_finite_loss_stops_before_the_optimizer_steps(tiny_model_dir, tiny_task, tmp_path):
+    from hypo.trainer import NonFiniteError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"step \d+: the offline \(dpo\) loss is not finite.*checkpoint-1"):
+        train(HyPOConfig(**_options(tiny_model_dir, tiny_task, run_dir, "dpo", learning_rate=1e12, max_grad_norm=0.0,
+                                    max_steps=20, save_steps=1, warmup_ratio=0.0)))
+    assert not (run_dir / "model").exists()
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=strict) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] is None  # the failing step is logged, its non-finite numbers as null
+    last_good = records[-2]["step"]
+    assert (run_dir / f"checkpoint-{last_good}").is_dir()
+    weights = _weights(run_dir / f"checkpoint-{last_good}")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "hypo"])
+def test_killed_two_process_run_resumes_to_the_same_weights(tiny_model_dir, tiny_task, tmp_path, method):
+    """Under `accelerate launch` with 2 CPU processes (gloo): every process's random state is restored."""
+    longer = {"max_steps": 80}  # two processes step faster: room to kill the run before its end
+    whole = _options(tiny_model_dir, tiny_task, tmp_path / "whole", method, **longer)
+    _run(whole, processes=2)
+    killed_dir = tmp_path / "killed"
+    options = _options(tiny_model_dir, tiny_task, killed_dir, method, **longer)
+    done = _start_and_signal(options, signal.SIGKILL, lambda: (killed_dir / "checkpoint-2").is_dir(), processes=2)
+    assert done.returncode == -signal.SIGKILL and not (killed_dir / "model").exists()
+    _run({**options, "resume_from_checkpoint": "latest"}, processes=2)
+    _assert_identical(tmp_path / "whole" / "model", killed_dir / "model")
+    assert [r["step"] for r in _train_records(killed_dir)] == list(range(1, 81))
