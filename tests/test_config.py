@@ -157,7 +157,7 @@ def test_yaml_exponent_floats_are_numbers(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [
-    ("bad.yaml", "beta: 0.1\nmethod: [hypo,\nkl_coef: 0.2\n", r"bad\.yaml: line \d+, column \d+: invalid YAML"),
+    ("bad.yaml", "beta: 0.1\nmethod: [hypo,\nkl_coef: 0.2\n", r"bad\.yaml: line \d+, column \d+: invalid YAML: .*started on line 2"),
     ("bad.yaml", "beta: 0.1\n  kl_coef: 0.2\n", r"bad\.yaml: line 2, column \d+: invalid YAML"),
     ("bad.yaml", "beta: @oops\n", r"bad\.yaml: line 1, column \d+: invalid YAML"),
     ("bad.json", '{"beta": 0.1,\n "kl_coef": }', r"bad\.json: line 2, column \d+: invalid JSON"),

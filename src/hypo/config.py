@@ -251,6 +251,9 @@ def _parse_config_text(path: Path, text: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            problem += f" ({context} started on line {start.line + 1})"
         raise ValueError(f"{path}: {where}invalid YAML: {problem}") from None
 
 
