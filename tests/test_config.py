@@ -101,6 +101,12 @@ def test_right_types_pass_and_ints_become_floats():
     assert (config.beta, config.kl_coef, config.num_train_epochs) == (1.0, 0.0, 2.0)
     assert all(type(v) is float for v in (config.beta, config.kl_coef, config.num_train_epochs))
     assert config.num_threads == 2 and HyPOConfig(num_threads=None).num_threads is None
+    numpy = pytest.importorskip("numpy")
+    config = HyPOConfig(max_steps=numpy.int64(3), num_threads=numpy.int32(2), beta=numpy.float32(0.5))
+    assert (type(config.max_steps), type(config.num_threads), type(config.beta)) == (int, int, float)
+    json.dumps(config.to_dict())  # plain Python numbers: the saved config.json stays valid
+    with pytest.raises(ValueError, match="use_peft must be true or false"):
+        HyPOConfig(use_peft=numpy.bool_(True))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

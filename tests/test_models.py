@@ -156,6 +156,14 @@ def _corrupt_header(entry: Path) -> None:
     weights.write_bytes(bytes(data))
 
 
+def _bad_offsets(entry: Path) -> None:  # a readable JSON header that describes no tensors properly
+    weights = entry / "model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": 7}}).encode().ljust(length)
+    weights.write_bytes(data[:8] + header + data[8 + length:])
+
+
 def _unreadable_marker(entry: Path) -> None:
     (entry / MARKER_NAME).write_text('{"files": {"config.json": 1')
 
@@ -173,6 +181,7 @@ def _entry_is_a_file(entry: Path) -> None:
     (_truncate, "model.safetensors has"),
     (_truncate_and_fix_the_marker, "model.safetensors is truncated"),
     (_corrupt_header, "model.safetensors is unreadable header"),
+    (_bad_offsets, "model.safetensors is unreadable header"),
     (_unreadable_marker, f"unreadable {MARKER_NAME}"),
     (_entry_is_a_file, "not a folder"),
 ])

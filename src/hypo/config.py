@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import re
 import types
 import typing
@@ -115,9 +116,11 @@ class HyPOConfig:
         problems = list(_problems(self))
         if problems:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
-        for name, annotation in _field_types().items():  # an int given for a float field becomes a float
-            if annotation is float and isinstance(getattr(self, name), int):
-                setattr(self, name, float(getattr(self, name)))
+        for name, annotation in _field_types().items():  # plain Python numbers: 1 -> 1.0, numpy.int64(2) -> 2
+            value = getattr(self, name)
+            kind = next((t for t in (int, float) if annotation in (t, t | None)), None)
+            if kind is not None and value is not None and type(value) is not kind:
+                setattr(self, name, kind(value))
         if self.method == "hypo" and self.num_generations == 1:
             warnings.warn("num_generations=1: the KL estimator has no baseline (higher variance)", stacklevel=2)
 
@@ -150,10 +153,10 @@ def _matches(value: Any, annotation: Any) -> bool:
         return value is None
     if annotation is bool:
         return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is int:  # numbers.Integral: NumPy integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if annotation is str:
         return isinstance(value, str)
     raise TypeError(f"no validation rule for the field type {annotation!r}")

@@ -84,7 +84,7 @@ def _safetensors_problem(path: Path) -> str | None:
         if len(prefix) < 8:
             return f"truncated ({size} bytes, no header)"
         length = int.from_bytes(prefix, "little")
-        if length > size - 8:
+        if length > min(size - 8, 100_000_000):  # the format caps headers at 100 MB
             return f"truncated or corrupt (a {length}-byte header in a {size}-byte file)"
         try:
             header = json.loads(f.read(length))
@@ -92,9 +92,15 @@ def _safetensors_problem(path: Path) -> str | None:
             return "unreadable header"
     if not isinstance(header, dict):
         return "unreadable header"
-    ends = [entry.get("data_offsets", [0, 0])[-1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict)]
-    if not ends or not all(isinstance(end, int) for end in ends):
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            return "unreadable header"
+        ends.append(offsets[1])
+    if not ends:
         return "no tensors in the header"
     expected = 8 + length + max(ends)
     if expected != size:
