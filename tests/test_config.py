@@ -1,6 +1,8 @@
 """Config validation, file loading and CLI overrides."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 
@@ -63,3 +65,121 @@ def test_saved_config_round_trips(tmp_path):
     config = HyPOConfig(method="dpo", beta=0.3, output_dir=str(tmp_path))
     path = save_config(config, tmp_path)
     assert HyPOConfig(**json.loads(path.read_text())) == config
+
+
+# --------------------------------------------------------------------------- types from the annotations
+
+WRONG_TYPES = [
+    ("max_steps", 1.5), ("max_steps", "7"), ("max_steps", [7]), ("max_steps", True), ("max_steps", None),
+    ("per_device_train_batch_size", 2.0), ("seed", False),
+    ("beta", "0.1"), ("beta", [0.1]), ("beta", True), ("beta", None), ("beta", {"value": 0.1}),
+    ("use_peft", 1), ("use_peft", "true"), ("eval_at_end", None),
+    ("model_name_or_path", 3), ("model_name_or_path", None), ("report_to", ["wandb"]), ("report_to", False),
+    ("dataset", 5), ("dataset", ["a.jsonl"]), ("gguf_file", 1.0),
+    ("num_threads", 1.5), ("num_threads", "2"), ("num_threads", True),
+    ("method", "HYPO"), ("method", 1), ("method", None), ("loss_type", ["sigmoid"]), ("dtype", "float64"),
+    ("lr_scheduler_type", True),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), WRONG_TYPES)
+def test_values_must_match_the_field_annotation(name, value):
+    with pytest.raises(ValueError, match="invalid configuration") as info:
+        HyPOConfig(**{name: value})
+    assert f"{name} must be " in str(info.value) and repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(HyPOConfig) if f.type == "float"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_every_float_field_must_be_finite(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number, got {value!r}"):
+        HyPOConfig(**{name: value})
+
+
+def test_right_types_pass_and_ints_become_floats():
+    config = HyPOConfig(beta=1, kl_coef=0, num_train_epochs=2, num_threads=2, dataset=None, dtype="auto")
+    assert (config.beta, config.kl_coef, config.num_train_epochs) == (1.0, 0.0, 2.0)
+    assert all(type(v) is float for v in (config.beta, config.kl_coef, config.num_train_epochs))
+    assert config.num_threads == 2 and HyPOConfig(num_threads=None).num_threads is None
+    numpy = pytest.importorskip("numpy")
+    config = HyPOConfig(max_steps=numpy.int64(3), num_threads=numpy.int32(2), beta=numpy.float32(0.5))
+    assert (type(config.max_steps), type(config.num_threads), type(config.beta)) == (int, int, float)
+    json.dumps(config.to_dict())  # plain Python numbers: the saved config.json stays valid
+    with pytest.raises(ValueError, match="use_peft must be true or false"):
+        HyPOConfig(use_peft=numpy.bool_(True))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+    ({"num_threads": 0}, "num_threads must be >= 1 when set, got 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"method": "dpo", "temperature": 0.0}, "temperature must be > 0"),
+    ({"method": "dpo", "top_p": 1.5}, "top_p in (0, 1]"),
+    ({"lora_r": 0}, "lora_r and lora_alpha must be >= 1"),
+    ({"lora_dropout": 1.0}, "lora_dropout in [0, 1)"),
+])
+def test_out_of_range_values_are_reported(overrides, message):
+    with pytest.raises(ValueError, match="invalid configuration") as info:
+        HyPOConfig(**overrides)
+    assert message in str(info.value)
+
+
+def test_max_grad_norm_zero_disables_clipping_and_is_valid():
+    assert HyPOConfig(max_grad_norm=0).max_grad_norm == 0.0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("max_steps: 1.5\n", "option 'max_steps': max_steps must be an integer, got 1.5"),
+    ("kl_coef: .inf\n", "option 'kl_coef': kl_coef must be a finite number, got inf"),
+    ("kl_coef: .nan\n", "option 'kl_coef': kl_coef must be a finite number, got nan"),
+    ("beta: '0.1'\n", "option 'beta': beta must be a finite number, got '0.1'"),
+    ("use_peft: 1\n", "option 'use_peft': use_peft must be true or false, got 1"),
+    ("method: [hypo]\n", "option 'method': method must be one of 'hypo', 'dpo', got ['hypo']"),
+    ("dataset: 12\n", "option 'dataset': dataset must be a string or null, got 12"),
+    ("num_threads: 2.0\n", "option 'num_threads': num_threads must be an integer or null, got 2.0"),
+])
+def test_type_errors_in_a_file_name_the_file_and_option(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"run\.yaml: ") as info:
+        read_config_file(path)
+    assert message in str(info.value)
+    with pytest.raises(ValueError, match=r"run\.yaml: "):  # the command line stops the same way
+        parse_train_args(["--config", str(path)])
+
+
+def test_json_non_finite_and_type_errors_name_the_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"kl_coef": Infinity, "max_steps": "3"}')
+    with pytest.raises(ValueError, match=r"run\.json: option 'kl_coef': .*; option 'max_steps': "):
+        read_config_file(path)
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-5\nkl_coef: 5E-2\nbeta: 1.0e-1\n")
+    assert read_config_file(path) == {"learning_rate": 1e-5, "kl_coef": 0.05, "beta": 0.1}
+    assert parse_train_args(["--config", str(path)]).learning_rate == 1e-5
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("bad.yaml", "beta: 0.1\nmethod: [hypo,\nkl_coef: 0.2\n", r"bad\.yaml: line \d+, column \d+: invalid YAML: .*started on line 2"),
+    ("bad.yaml", "beta: 0.1\n  kl_coef: 0.2\n", r"bad\.yaml: line 2, column \d+: invalid YAML"),
+    ("bad.yaml", "beta: @oops\n", r"bad\.yaml: line 1, column \d+: invalid YAML"),
+    ("bad.json", '{"beta": 0.1,\n "kl_coef": }', r"bad\.json: line 2, column \d+: invalid JSON"),
+    ("bad.json", "", r"bad\.json: line 1, column 1: invalid JSON"),
+    ("list.yaml", "- beta\n- 0.1\n", r"list\.yaml: expected a mapping of option: value, got list"),
+    ("keys.yaml", "1: 2\nbeta: 0.1\n", r"keys\.yaml: unknown option\(s\): 1"),
+])
+def test_broken_files_are_value_errors_naming_the_file(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_config_file(path)
+
+
+def test_non_utf8_file_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"beta: 0.1\nreport_to: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: not UTF-8 text"):
+        read_config_file(path)

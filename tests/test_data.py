@@ -368,16 +368,22 @@ def test_conversational_without_chat_template_names_source(tmp_path):
 
 
 def test_prompt_data_string_and_messages(tmp_path, tok):
-    rows = [{"prompt": "a cat sat on the mat", "id": 7}, {"prompt": MSG}, {"prompt": ""}]
+    rows = [{"prompt": "a cat sat on the mat", "id": 7}, {"prompt": "hello"}, {"prompt": ""}]
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
     with pytest.raises(DataError, match=r"prompts\.jsonl: row 3: field 'prompt': empty text"):
         load_prompt_data(str(path), tok)
     items, report = load_prompt_data(str(path), tok, max_prompt_length=4, skip_bad_rows=True)
     assert items == [
         {"prompt_input_ids": ids("sat on the mat"), "prompt": "a cat sat on the mat", "index": 0},
-        {"prompt_input_ids": [*ids("hello"), IM_END, IM_START, *ids("assistant")], "prompt": MSG, "index": 1},
+        {"prompt_input_ids": [BOS, *ids("hello")], "prompt": "hello", "index": 1},
     ]
-    assert report == LoadReport(str(path), 3, 2, 1, prompts_truncated=2, completions_truncated=0)
+    assert report == LoadReport(str(path), 3, 2, 1, prompts_truncated=1, completions_truncated=0)
+    conv = write_jsonl(tmp_path / "conv.jsonl", [{"prompt": MSG}])
+    items, report = load_prompt_data(str(conv), tok, max_prompt_length=4)
+    assert items == [
+        {"prompt_input_ids": [*ids("hello"), IM_END, IM_START, *ids("assistant")], "prompt": MSG, "index": 0},
+    ]
+    assert report.prompts_truncated == 1
     items, _ = tokenize_prompt_rows(PAIRS, tok, source="mem")
     assert items[1]["prompt_input_ids"] == [BOS] + ids("how are you ?")
 
@@ -431,3 +437,161 @@ def test_prompt_collator(tok):
     assert batch["index"].tolist() == [0, 1]
     with pytest.raises(ValueError, match="empty batch"):
         PromptCollator(0)([])
+
+
+# --------------------------------------------------------------------------- encodings, CSV, formats
+
+
+def test_bytes_that_are_not_utf8_name_file_row_and_field(tmp_path, tok):
+    good = json.dumps(GOOD).encode()
+    bad = b'{"prompt": "hello", "chosen": "caf\xe9", "rejected": "bad"}'
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b"\n".join([good, good, bad, good]) + b"\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl: row 3: field 'chosen': not UTF-8 text \(byte 0xe9\)"):
+        read_rows(str(path))
+    with pytest.raises(DataError, match=r"pairs\.jsonl: row 3: field 'chosen': not UTF-8"):
+        load_preference_data(str(path), tok)
+    items, report = load_preference_data(str(path), tok, skip_bad_rows=True)
+    assert (len(items), report.rows_skipped) == (3, 1)
+    path.write_bytes(good + b"\n" + b'{"prompt": "hello", \xff\xfe}\n')  # undecodable and not JSON either
+    with pytest.raises(DataError, match=r"pairs\.jsonl: row 2: not UTF-8 text \(byte 0xff\)"):
+        read_rows(str(path))
+    path.write_bytes(b'{"prompt": [{"role": "user", "content": "\xc3("}], "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"pairs\.jsonl: row 1: field 'prompt': not UTF-8 text \(byte 0xc3\)"):
+        read_rows(str(path))
+
+
+def test_json_and_csv_not_utf8_name_the_row(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_bytes(b'[\n{"prompt": "a", "chosen": "b", "rejected": "c"},\n{"prompt": "\x93quoted\x94",'
+                     b' "chosen": "b", "rejected": "c"}\n]')
+    with pytest.raises(DataError, match=r"pairs\.json: row 2: field 'prompt': not UTF-8 text \(byte 0x93\)"):
+        read_rows(str(path))
+    path.write_bytes(b'{"note": "\xff", "data": [{"prompt": "a", "chosen": "b", "rejected": "c"}]}')
+    with pytest.raises(DataError, match=r"pairs\.json: line 1: not UTF-8 text \(byte 0xff\)"):
+        read_rows(str(path))
+    path.write_bytes(b'[{"prompt": "a"},\n {"prompt": \xff}]')
+    with pytest.raises(DataError, match=r"pairs\.json: line 2: not UTF-8 text"):
+        read_rows(str(path))
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_bytes(b"prompt,chosen,rejected\nhello,good,bad\nhello,caf\xe9,bad\n")
+    with pytest.raises(DataError, match=r"pairs\.csv: row 3: field 'chosen': not UTF-8 text \(byte 0xe9\)"):
+        read_rows(str(csv_path))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("prompt,chosen,rejected\nhello,good,bad\nhello,good,bad,extra\n",
+     r"pairs\.csv: row 3: expected 3 fields \(prompt, chosen, rejected\), got 4"),
+    ("prompt,chosen,rejected\nhello,good\nhello,good,bad\n",
+     r"pairs\.csv: row 2: expected 3 fields \(prompt, chosen, rejected\), got 2"),
+    ('prompt,chosen,rejected\nhello,good,bad\n"hello,good,bad\nhello,good,bad\n',
+     r"pairs\.csv: row 3: invalid CSV \(read up to line 4\): .*a quote that is never closed"),
+    ('prompt,chosen,rejected\nhello,"good"x,bad\n', r"pairs\.csv: row 2: invalid CSV"),
+    ("prompt,chosen,prompt\nhello,good,bad\n", r"pairs\.csv: row 1: the header repeats the column\(s\) prompt"),
+])
+def test_broken_csv_names_file_and_row(tmp_path, tok, text, message):
+    path = tmp_path / "pairs.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_rows(str(path))
+    with pytest.raises(DataError, match=message):
+        load_preference_data(str(path), tok)
+
+
+def test_csv_rows_are_lines_quoted_newlines_and_skipping(tmp_path, tok):
+    path = tmp_path / "pairs.csv"
+    path.write_text('prompt,chosen,rejected\n"what is\ntwo plus two ?",four,six\n\nhello,good,bad,x\nhello,,bad\n'
+                    "hello,fine,bad\n")
+    # rows are line numbers: line 2 (two lines long), line 5 ragged, line 6 empty chosen, line 7 good
+    with pytest.raises(DataError, match=r"pairs\.csv: row 5: expected 3 fields"):
+        read_rows(str(path))
+    items, report = load_preference_data(str(path), tok, skip_bad_rows=True)
+    assert [item["prompt"] for item in items] == ["what is\ntwo plus two ?", "hello"]
+    assert (report.rows_read, report.rows_kept, report.rows_skipped) == (4, 2, 2)
+
+
+def test_identical_chosen_and_rejected_are_dropped_with_a_warning(tmp_path, tok, caplog):
+    same = {"prompt": "hello", "chosen": "good", "rejected": "good"}
+    conv_same = {"prompt": MSG, "chosen": ANS, "rejected": [{"role": "assistant", "content": "good "}]}
+    rows = [GOOD, same, {**GOOD, "chosen": "fine"}, same, {**same, "rejected": " good\n"}, GOOD]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="hypo.data"):
+        items, report = load_preference_data(str(path), tok)
+    assert [item["chosen_input_ids"] for item in items] == [ids("good") + [EOS], ids("fine") + [EOS],
+                                                            ids("good") + [EOS]]
+    assert (report.rows_read, report.rows_kept, report.rows_skipped, report.rows_identical) == (6, 3, 0, 3)
+    assert report.identical_rows == [f"{path}: row {n}" for n in (2, 4, 5)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "dropped 3 of 6 pairs whose chosen and rejected are identical" in warnings[0]
+    assert warnings[0].endswith("row 2, row 4, row 5")
+    conv = write_jsonl(tmp_path / "conv.jsonl", [*CONV, conv_same])
+    assert load_preference_data(str(conv), tok)[1].identical_rows == [f"{conv}: row 2"]
+    only = write_jsonl(tmp_path / "only.jsonl", [same, same])
+    with pytest.raises(DataError, match=r"only\.jsonl: no usable rows: 0 bad, 2 with identical chosen and rejected"):
+        load_preference_data(str(only), tok, skip_bad_rows=True)
+
+
+MIXED = [
+    ("pairs", [GOOD, GOOD, {"prompt": MSG, "chosen": ANS, "rejected": [{"role": "assistant", "content": "bad"}]}],
+     r"row 3: field 'prompt': conversational \(a message list\), but row 1 is plain text"),
+    ("pairs", [CONV[0], GOOD], r"row 2: field 'prompt': plain text, but row 1 is conversational"),
+    ("prompts", [{"prompt": MSG}, {"prompt": "hello"}], r"row 2: field 'prompt': plain text, but row 1 is"),
+]
+
+
+@pytest.mark.parametrize(("kind", "rows", "message"), MIXED)
+@pytest.mark.parametrize("skip_bad_rows", [False, True])
+def test_mixing_plain_and_conversational_rows_is_an_error(tmp_path, tok, kind, rows, message, skip_bad_rows):
+    path = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+    load = load_preference_data if kind == "pairs" else load_prompt_data
+    with pytest.raises(DataError, match=rf"{kind}\.jsonl: {message}.*must not mix"):
+        load(str(path), tok, skip_bad_rows=skip_bad_rows)
+
+
+def test_a_skipped_bad_row_does_not_set_the_format(tmp_path, tok):
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"prompt": "hello", "chosen": "good"}, *CONV, *CONV])
+    items, report = load_preference_data(str(path), tok, skip_bad_rows=True)
+    assert (len(items), report.rows_skipped) == (2, 1)
+
+
+# --------------------------------------------------------------------------- checks without a tokenizer
+
+
+def test_check_sources_validate_every_row_without_a_tokenizer(tmp_path):
+    from hypo.data import check_preference_source, check_prompt_source
+
+    rows = [GOOD] * 300 + [{"prompt": "hello", "chosen": "good", "rejected": "good"}, {**GOOD, "rejected": ""}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=r"pairs\.jsonl: row 302: field 'rejected': empty text"):
+        check_preference_source(str(path))
+    report = check_preference_source(str(path), skip_bad_rows=True)
+    assert (report.rows_read, report.rows_kept, report.rows_skipped, report.rows_identical) == (302, 300, 1, 1)
+    assert report.identical_rows == [f"{path}: row 301"]
+    assert (report.prompts_truncated, report.completions_truncated) == (0, 0)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}, {"prompt": MSG}])
+    with pytest.raises(DataError, match=r"prompts\.jsonl: row 2: field 'prompt': conversational"):
+        check_prompt_source(str(prompts))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}, {"prompt": ["x"]}, "{bad"])
+    with pytest.raises(DataError, match=r"prompts\.jsonl: row 2: field 'prompt': message 1"):
+        check_prompt_source(str(prompts))
+    report = check_prompt_source(str(prompts), skip_bad_rows=True)
+    assert (report.rows_read, report.rows_kept, report.rows_skipped) == (3, 1, 2)
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
+        check_prompt_source(str(tmp_path / "nope.jsonl"))
+
+
+def test_check_of_a_folder_reads_every_file_of_the_split_and_names_it(tmp_path):
+    from hypo.data import check_preference_source
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    write_jsonl(folder / "train-00000.jsonl", [GOOD, GOOD])
+    second = folder / "train-00001.csv"
+    second.write_text("prompt,chosen,rejected\nhello,good,bad\nhello,good\n")
+    write_jsonl(folder / "test.jsonl", [{"prompt": 1}])  # another split: not read
+    with pytest.raises(DataError, match=rf"^{second}: row 3: expected 3 fields"):
+        check_preference_source(str(folder))
+    report = check_preference_source(str(folder), skip_bad_rows=True)
+    assert (report.source, report.rows_read, report.rows_kept, report.rows_skipped) == (str(folder), 4, 3, 1)
+    with pytest.raises(DataError, match=rf"^{folder / 'test.jsonl'}: row 1: field 'prompt'"):
+        check_preference_source(str(folder), split="test")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -168,3 +169,155 @@ def test_api_key_is_sent_from_the_named_variable(chat_server, monkeypatch, tmp_p
                                                 ("answer a", "A"), ("I think A is better", None), ("", None)])
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
+
+
+# --------------------------------------------------------------------------- redirects and timeouts
+
+
+class RecordingServer:
+    """A server on 127.0.0.1 (its own port: its own origin) that records every request's method, path and
+    headers and answers from `routes`: path -> (status, extra headers, body); any other path is a 404."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.routes: dict[str, tuple[int, dict, bytes]] = {}
+        self.delay = 0.0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                server.requests.append({"method": self.command, "path": self.path, "body": body,
+                                        "authorization": self.headers.get("Authorization")})
+                if server.delay:
+                    time.sleep(server.delay)
+                status, headers, reply = server.routes.get(self.path, (404, {}, b"no such path"))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            do_GET = do_POST = _answer  # noqa: N815 (http.server's naming)
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+COMPLETION = json.dumps({"choices": [{"message": {"role": "assistant", "content": "A"}}]}).encode()
+
+
+@pytest.fixture()
+def servers():
+    """Two origins: `a` (the endpoint the judge is given) and `b` (another port, so another origin)."""
+    a, b = RecordingServer(), RecordingServer()
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirect_to_another_origin_is_refused_and_sends_nothing_there(servers, monkeypatch, code):
+    a, b = servers
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-secret")
+    a.routes["/v1/chat/completions"] = (code, {"Location": f"{b.origin}/v1/chat/completions"}, b"")
+    b.routes["/v1/chat/completions"] = (200, {"Content-Type": "application/json"}, COMPLETION)
+    judge = LLMJudge(a.origin + "/v1", "tiny", api_key_env="MY_JUDGE_KEY", backoff_seconds=0.001)
+    with pytest.raises(JudgeEndpointError) as info:
+        judge.compare(*ITEMS[0])
+    message = str(info.value)
+    assert f"{a.origin}/v1/chat/completions redirected (HTTP {code}) to {b.origin}/v1/chat/completions" in message
+    assert "another origin" in message
+    assert b.requests == []  # neither the key nor the prompt went to the other origin
+    assert [r["authorization"] for r in a.requests] == ["Bearer sk-test-secret"]  # and no retries
+
+
+def test_redirect_to_another_scheme_on_the_same_host_is_another_origin(servers):
+    a, _ = servers
+    target = a.origin.replace("http://", "https://") + "/v1/chat/completions"
+    a.routes["/v1/chat/completions"] = (301, {"Location": target}, b"")
+    with pytest.raises(JudgeEndpointError, match="another origin"):
+        LLMJudge(a.origin + "/v1", "tiny").compare(*ITEMS[0])
+
+
+@pytest.mark.parametrize("code", [301, 307, 308])
+def test_same_origin_redirect_is_followed_with_the_same_post(servers, monkeypatch, code):
+    a, _ = servers
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-secret")
+    a.routes["/v1/chat/completions"] = (code, {"Location": "/v2/chat/completions"}, b"")
+    a.routes["/v2/chat/completions"] = (200, {"Content-Type": "application/json"}, COMPLETION)
+    judge = LLMJudge(a.origin + "/v1", "tiny", api_key_env="MY_JUDGE_KEY")
+    assert judge.compare(*ITEMS[0]) in (0.0, 1.0)
+    first, second = a.requests
+    assert (second["method"], second["path"]) == ("POST", "/v2/chat/completions")
+    assert second["body"] == first["body"] and json.loads(second["body"])["model"] == "tiny"
+    assert second["authorization"] == "Bearer sk-test-secret"  # same origin: the key may go along
+
+
+def test_errors_name_the_url_that_failed_after_a_redirect(servers):
+    a, _ = servers
+    a.routes["/v1/chat/completions"] = (307, {"Location": f"{a.origin}/v2/chat/completions"}, b"")
+    judge = LLMJudge(a.origin + "/v1", "tiny")
+    with pytest.raises(JudgeEndpointError, match=rf"{a.origin}/v2/chat/completions answered HTTP 404"):
+        judge.compare(*ITEMS[0])
+    a.routes["/v2/chat/completions"] = (200, {}, b"<html>login</html>")
+    with pytest.raises(JudgeEndpointError, match=rf"{a.origin}/v2/chat/completions sent no chat completion"):
+        judge.compare(*ITEMS[0])
+    a.routes["/v2/chat/completions"] = (503, {}, b"busy")
+    judge = LLMJudge(a.origin + "/v1", "tiny", max_retries=1, backoff_seconds=0.001)
+    with pytest.raises(JudgeEndpointError,
+                       match=rf"{a.origin}/v2/chat/completions is unreachable after 2 attempts.*HTTP 503"):
+        judge.compare(*ITEMS[0])
+
+
+def test_redirect_loops_and_redirects_without_location_stop(servers):
+    a, _ = servers
+    a.routes["/v1/chat/completions"] = (302, {"Location": "/v1/chat/completions"}, b"")
+    with pytest.raises(JudgeEndpointError, match="more than 5 redirects"):
+        LLMJudge(a.origin + "/v1", "tiny").compare(*ITEMS[0])
+    assert len(a.requests) == 6
+    a.routes["/v1/chat/completions"] = (308, {}, b"")
+    with pytest.raises(JudgeEndpointError, match="answered HTTP 308 without a Location"):
+        LLMJudge(a.origin + "/v1", "tiny").compare(*ITEMS[0])
+
+
+def test_request_timeout_is_a_parameter(servers):
+    a, _ = servers
+    a.routes["/v1/chat/completions"] = (200, {}, COMPLETION)
+    a.delay = 2.0
+    judge = LLMJudge(a.origin + "/v1", "tiny", timeout=0.2, max_retries=1, backoff_seconds=0.001)
+    assert judge.timeout == 0.2
+    with pytest.raises(JudgeEndpointError, match=r"unreachable after 2 attempts \(last error: .*timed out"):
+        judge.compare(*ITEMS[0])
+    assert LLMJudge(a.origin, "tiny").timeout == 60.0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"timeout": 0}, "timeout must be a positive number"),
+    ({"timeout": float("inf")}, "timeout must be a positive number"),
+    ({"max_retries": -1}, "max_retries must be >= 0"),
+    ({"base_url": "localhost:8000/v1"}, "base URL must be http"),
+    ({"base_url": "ftp://example.com/v1"}, "base URL must be http"),
+])
+def test_bad_settings_are_value_errors(kwargs, message):
+    settings = {"base_url": "http://127.0.0.1:1/v1", "model": "tiny", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        LLMJudge(**settings)

@@ -1,14 +1,27 @@
-"""Model resolution and loading: local folders and hub ids pass through, GGUF files are converted once,
-dropout is off, the reference is frozen; the embedded GGUF model itself is tested under `-m slow`."""
+"""Model resolution and loading: local folders and hub ids pass through, GGUF files are converted once
+into a cache that survives concurrent processes, broken entries and interrupted conversions; dropout is
+off, the reference is frozen. The conversion's heavy step (dequantizing a real GGUF) is replaced here by
+the tiny model; the embedded GGUF model itself is tested under `-m slow`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import hypo
 from conftest import build_model
+from hypo import models
 from hypo.models import (
     DEFAULT_MODEL,
+    MARKER_NAME,
+    ModelCacheError,
     Reference,
     add_lora,
+    convert_gguf,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
@@ -65,6 +78,236 @@ def test_lora_reference_is_the_base_model_with_adapters_off(tiny_tokenizer):
             ref_logits = ref(input_ids=ids).logits
     assert not torch.allclose(policy_logits, base_logits, atol=1e-4)
     assert torch.allclose(ref_logits, base_logits, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the converted-model cache
+
+
+@pytest.fixture()
+def fake_gguf(tmp_path, monkeypatch, tiny_tokenizer):
+    """A stand-in GGUF file, a fresh $HYPO_CACHE, and a `_load_gguf` that returns the tiny model; the list
+    records each conversion."""
+    monkeypatch.setenv("HYPO_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    calls = []
+
+    def load(path):
+        calls.append(path)
+        return build_model(tiny_tokenizer), tiny_tokenizer
+
+    monkeypatch.setattr(models, "_load_gguf", load)
+    return gguf, calls
+
+
+def _leftovers(entry: Path) -> list[str]:
+    return sorted(p.name for p in entry.parent.glob(f"{entry.name}.tmp*"))
+
+
+def _assert_usable(path: str, tiny_tokenizer) -> None:
+    assert models._folder_problem(Path(path)) is None
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = build_model(tiny_tokenizer)(input_ids=ids).logits
+        assert torch.equal(load_causal_lm(path)(input_ids=ids).logits, expected)
+    assert load_tokenizer(path).pad_token_id is not None
+
+
+def test_gguf_is_converted_once_with_a_completeness_marker(fake_gguf, tiny_tokenizer):
+    gguf, calls = fake_gguf
+    path = resolve_model_path(str(gguf))
+    entry = Path(path)
+    assert entry.parent == models.cache_dir() / "models" and len(calls) == 1
+    files = json.loads((entry / MARKER_NAME).read_text())["files"]
+    assert {"config.json", "model.safetensors"} <= set(files)
+    assert all((entry / name).stat().st_size == size for name, size in files.items())
+    assert resolve_model_path(str(gguf)) == path and len(calls) == 1  # reused
+    assert resolve_model_path(str(gguf.parent), gguf_file=gguf.name) == path and len(calls) == 1
+    _assert_usable(path, tiny_tokenizer)
+    assert _leftovers(entry) == []
+
+
+def _drop_weights(entry: Path) -> None:
+    (entry / "model.safetensors").unlink()
+
+
+def _old_style_entry(entry: Path) -> None:  # what the unlocked race left behind: no weights, no marker
+    for path in entry.iterdir():
+        if path.name != "config.json":
+            path.unlink()
+
+
+def _truncate(entry: Path) -> None:
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _truncate_and_fix_the_marker(entry: Path) -> None:  # only the safetensors header can tell
+    _truncate(entry)
+    record = json.loads((entry / MARKER_NAME).read_text())
+    record["files"]["model.safetensors"] = (entry / "model.safetensors").stat().st_size
+    (entry / MARKER_NAME).write_text(json.dumps(record))
+
+
+def _corrupt_header(entry: Path) -> None:
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\x00" * 8  # the header is no longer JSON; same size
+    weights.write_bytes(bytes(data))
+
+
+def _bad_offsets(entry: Path) -> None:  # a readable JSON header that describes no tensors properly
+    weights = entry / "model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": 7}}).encode().ljust(length)
+    weights.write_bytes(data[:8] + header + data[8 + length:])
+
+
+def _unreadable_marker(entry: Path) -> None:
+    (entry / MARKER_NAME).write_text('{"files": {"config.json": 1')
+
+
+def _entry_is_a_file(entry: Path) -> None:
+    import shutil
+
+    shutil.rmtree(entry)
+    entry.write_text("not a folder")
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (_drop_weights, "model.safetensors is missing"),
+    (_old_style_entry, f"no {MARKER_NAME}"),
+    (_truncate, "model.safetensors has"),
+    (_truncate_and_fix_the_marker, "model.safetensors is truncated"),
+    (_corrupt_header, "model.safetensors is unreadable header"),
+    (_bad_offsets, "model.safetensors is unreadable header"),
+    (_unreadable_marker, f"unreadable {MARKER_NAME}"),
+    (_entry_is_a_file, "not a folder"),
+])
+def test_broken_cache_entry_is_rebuilt_with_a_warning_naming_it(fake_gguf, tiny_tokenizer, caplog, damage, problem):
+    gguf, calls = fake_gguf
+    path = resolve_model_path(str(gguf))
+    damage(Path(path))
+    with caplog.at_level("WARNING", logger="hypo.models"):
+        assert resolve_model_path(str(gguf)) == path
+    assert len(calls) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == 30]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{path}: broken converted model") and problem in warnings[0]
+    _assert_usable(path, tiny_tokenizer)
+
+
+def test_leftover_temporary_folders_are_removed(fake_gguf, tiny_tokenizer):
+    gguf, calls = fake_gguf
+    entry = models._gguf_cache_folder(gguf)
+    entry.parent.mkdir(parents=True)
+    for name in (f"{entry.name}.tmp4242", f"{entry.name}.tmp-4243-0badcafe"):  # older and current naming
+        (entry.parent / name).mkdir()
+        (entry.parent / name / "config.json").write_text("{}")
+    assert resolve_model_path(str(gguf)) == str(entry) and _leftovers(entry) == []
+    (entry.parent / f"{entry.name}.tmp-4244-0badcafe").mkdir()  # next to a complete entry: removed too
+    assert resolve_model_path(str(gguf)) == str(entry) and _leftovers(entry) == []
+    assert len(calls) == 1
+    _assert_usable(str(entry), tiny_tokenizer)
+
+
+def test_failed_conversion_leaves_nothing_behind(fake_gguf, monkeypatch, tiny_tokenizer):
+    gguf, calls = fake_gguf
+    entry = models._gguf_cache_folder(gguf)
+
+    def crash(path):
+        raise RuntimeError("out of memory while dequantizing")
+
+    monkeypatch.setattr(models, "_load_gguf", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        resolve_model_path(str(gguf))
+    assert not entry.exists() and _leftovers(entry) == []
+
+    def config_only(model, tokenizer, folder):  # a writer that forgot the weights
+        folder.mkdir()
+        model.config.save_pretrained(folder)
+
+    monkeypatch.setattr(models, "_load_gguf", lambda path: (build_model(tiny_tokenizer), tiny_tokenizer))
+    monkeypatch.setattr(models, "_save_model_folder", config_only)
+    with pytest.raises(ModelCacheError, match=rf"incomplete model .*nothing was written to {entry}"):
+        resolve_model_path(str(gguf))
+    assert not entry.exists() and _leftovers(entry) == []
+    monkeypatch.undo()
+
+
+def test_what_cannot_be_repaired_names_the_path(fake_gguf, tmp_path, monkeypatch):
+    gguf, calls = fake_gguf
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelCacheError, match=rf"{mine} exists but is not a converted model .*delete it"):
+        convert_gguf(gguf, out_dir=mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and calls == []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("HYPO_CACHE", str(blocker / "cache"))
+    with pytest.raises(ModelCacheError, match=rf"cannot write in the model cache {blocker / 'cache'}"):
+        resolve_model_path(str(gguf))
+    assert issubclass(ModelCacheError, ValueError)  # the command line prints it as one line
+
+
+RACER = """
+import datetime, logging, sys, time
+from pathlib import Path
+
+import torch.distributed as dist
+
+import hypo.models as models
+from conftest import build_model, build_tokenizer
+
+rank, store, gguf, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+tokenizer = build_tokenizer()
+turn = log.parent / "rank0-resolving"
+
+
+def wait_for(path):
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def load(path):
+    with log.open("a") as f:
+        f.write(f"{rank}\\n")
+    wait_for(turn)
+    time.sleep(0.3)  # rank 0 is now waiting on the lock
+    return build_model(tokenizer), tokenizer
+
+
+models._load_gguf = load
+logging.basicConfig(level=logging.INFO)
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=120))
+if rank == 0:  # rank 1 converts: under torch.distributed a rank other than 0 must write the weights too
+    wait_for(log)
+    turn.touch()
+print(models.resolve_model_path(gguf), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_racing_on_an_empty_cache_convert_once(fake_gguf, tmp_path, tiny_tokenizer):
+    gguf, _ = fake_gguf
+    log = tmp_path / "conversions.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(hypo.__file__).parents[1]),
+                                                        str(Path(__file__).parent)])}
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(rank), str(tmp_path / "store"), str(gguf), str(log)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for rank in (0, 1)]
+    outputs = [racer.communicate(timeout=300) for racer in racers]
+    for racer, (_, err) in zip(racers, outputs, strict=True):
+        assert racer.returncode == 0, err[-3000:]
+    paths = [out.strip().splitlines()[-1] for out, _ in outputs]
+    assert paths[0] == paths[1] == str(models._gguf_cache_folder(gguf))
+    assert log.read_text().split() == ["1"]  # one conversion, by rank 1; rank 0 waited and reused it
+    assert "Waiting for another process" in outputs[0][1]
+    assert _leftovers(Path(paths[0])) == []
+    _assert_usable(paths[0], tiny_tokenizer)
 
 
 @pytest.mark.slow

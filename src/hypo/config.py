@@ -7,7 +7,13 @@ lambda, the weight of the online reverse-KL term, and never shares a name with D
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
+import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +125,11 @@ class HyPOConfig:
         problems = list(_problems(self))
         if problems:
             raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        for name, annotation in _field_types().items():  # plain Python numbers: 1 -> 1.0, numpy.int64(2) -> 2
+            value = getattr(self, name)
+            kind = next((t for t in (int, float) if annotation in (t, t | None)), None)
+            if kind is not None and value is not None and type(value) is not kind:
+                setattr(self, name, kind(value))
         if self.method == "hypo" and self.num_generations == 1:
             warnings.warn("num_generations=1: the KL estimator has no baseline (higher variance)", stacklevel=2)
 
@@ -126,7 +137,56 @@ class HyPOConfig:
         return dataclasses.asdict(self)
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Each field's annotation, resolved from its string form (``from __future__ import annotations``)."""
+    return typing.get_type_hints(HyPOConfig)
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(annotation))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+            type(None): "null"}.get(annotation, str(annotation))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` is a valid value of the field type ``annotation`` (no conversion: 1.5 is no int,
+    "0.1" no float, 1 no bool; an int is a float; floats must be finite)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(annotation))
+    if origin is Literal:
+        return any(type(value) is type(choice) and value == choice for choice in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:  # numbers.Integral: NumPy integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    raise TypeError(f"no validation rule for the field type {annotation!r}")
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    """The message for a ``value`` that does not fit the annotation of field ``name``, else None."""
+    annotation = _field_types()[name]
+    if _matches(value, annotation):
+        return None
+    origin = typing.get_origin(annotation)
+    arms = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+    expected = " or ".join(_describe(arm) for arm in arms)
+    return f"{name} must be {expected}, got {value!r} ({type(value).__name__})"
+
+
 def _problems(c: HyPOConfig):
+    type_problems = [p for p in (_type_problem(f.name, getattr(c, f.name)) for f in dataclasses.fields(c)) if p]
+    if type_problems:  # the range checks below assume the right types
+        yield from type_problems
+        return
     if c.method not in ("hypo", "dpo"):
         yield f"method must be 'hypo' or 'dpo', got {c.method!r}"
     if c.loss_type not in ("sigmoid", "ipo"):
@@ -157,6 +217,17 @@ def _problems(c: HyPOConfig):
         yield f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}"
     if c.learning_rate <= 0:
         yield f"learning_rate must be > 0, got {c.learning_rate}"
+    if c.max_grad_norm < 0:
+        yield f"max_grad_norm must be >= 0 (0 disables clipping), got {c.max_grad_norm}"
+    if c.weight_decay < 0:
+        yield f"weight_decay must be >= 0, got {c.weight_decay}"
+    if c.temperature <= 0 or not 0 < c.top_p <= 1:
+        yield f"temperature must be > 0 and top_p in (0, 1], got {c.temperature} and {c.top_p}"
+    if c.lora_r < 1 or c.lora_alpha < 1 or not 0 <= c.lora_dropout < 1:
+        yield (f"lora_r and lora_alpha must be >= 1 and lora_dropout in [0, 1), got {c.lora_r}, {c.lora_alpha} "
+               f"and {c.lora_dropout}")
+    if c.num_threads is not None and c.num_threads < 1:
+        yield f"num_threads must be >= 1 when set, got {c.num_threads}"
     if c.save_steps < 0 or c.eval_max_prompts < 0:
         yield "save_steps and eval_max_prompts must be >= 0"
     if c.save_total_limit is not None and c.save_total_limit < 1:
@@ -167,24 +238,64 @@ def _problems(c: HyPOConfig):
         yield "eval_steps and eval_max_prompts_during_training must be >= 0"
 
 
+@functools.cache
+def _yaml_loader():
+    """PyYAML's safe loader plus YAML 1.2's floats without a dot (``1e-5``, ``5e3``), which YAML 1.1 reads
+    as strings: ``learning_rate: 1e-5`` must be a number."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(number), list("-+0123456789."))
+    return Loader
+
+
+def _parse_config_text(path: Path, text: str) -> Any:
+    """The file's data; a syntax error is a ValueError naming the file and, when known, the line."""
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            problem += f" ({context} started on line {start.line + 1})"
+        raise ValueError(f"{path}: {where}invalid YAML: {problem}") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of config fields; unknown keys are an error naming the file."""
+    """Read a YAML or JSON mapping of config fields.
+
+    Every problem is a ValueError naming the file: a syntax error (with its line), unknown keys, and a
+    value whose type does not fit the option (``max_steps: 1.5``, ``kl_coef: .inf``, ``use_peft: "yes"``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    data = _parse_config_text(path, text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(HyPOConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
         raise ValueError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    problems = [f"option '{key}': {problem}" for key, value in data.items() if (problem := _type_problem(key, value))]
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
     return data
 
 

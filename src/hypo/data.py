@@ -1,4 +1,4 @@
-"""Preference and prompt datasets: reading, validation, tokenization and batching.
+"""Preference and prompt datasets: validation, tokenization and batching.
 
 Rows follow TRL's formats (extra keys are ignored):
 
@@ -8,9 +8,19 @@ Rows follow TRL's formats (extra keys are ignored):
 * prompt-only: ``{"prompt": str}`` or ``{"prompt": [messages]}``
 
 A source is a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a folder (written by
-``datasets.save_to_disk`` or holding data files), or a Hugging Face Hub dataset name. Every problem
-with a row raises :class:`DataError` whose message names the source, the 1-based row number and the
-field, e.g. ``pairs.jsonl: row 7: field 'chosen': empty text``.
+``datasets.save_to_disk`` or holding data files), or a Hugging Face Hub dataset name, read by
+:mod:`hypo.datafiles`. Every problem with a row raises :class:`DataError` whose message names the file, the 1-based row number and the
+field, e.g. ``pairs.jsonl: row 7: field 'chosen': empty text``. In JSONL and CSV files the row number
+is the line number (a CSV header is line 1; a CSV row with a quoted line break is numbered by its first
+line); in a folder of data files each message names the file. Files must be UTF-8: other bytes are an
+error naming the row and field. CSV is read with the header's columns, every value a string.
+
+All rows of a source share one format: a plain-text row in conversational data (or the reverse) is an
+error naming the first row that differs. Pairs whose chosen and rejected are the same text (up to
+surrounding whitespace) carry no preference and would only add noise to the batch statistics: they are
+dropped with a warning that counts them and names the first rows, and :class:`LoadReport` records them.
+:func:`check_preference_source` and :func:`check_prompt_source` validate a whole source without a
+tokenizer or a model, so a run can check all its data before it loads anything heavy.
 
 Tokenization mirrors what the policy sees and generates: the prompt is the raw text (tokenizer
 special tokens such as BOS added) or the chat template applied with a generation prompt; a
@@ -23,35 +33,35 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from hypo.datafiles import FILE_SUFFIXES, JSON_LIST_KEYS, DataError, read_located_rows, read_rows
+
+__all__ = [  # the reading side lives in hypo.datafiles; these names stay importable from here
+    "FILE_SUFFIXES", "JSON_LIST_KEYS", "DataError", "LoadReport", "PairCollator", "PromptCollator",
+    "check_preference_source", "check_prompt_source", "load_preference_data", "load_prompt_data",
+    "pad_sequences", "prompts_from_preference_rows", "read_rows", "render_prompt", "tokenize_preference_rows",
+    "tokenize_prompt_rows", "validate_preference_row",
+]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-"""File types read from disk; a missing path with one of these suffixes is 'file not found'."""
-JSON_LIST_KEYS = ("data", "train", "rows")
-"""Keys under which a ``.json`` object may hold its list of rows."""
-
 _TYPE_HINT = "expected a string or a list of {role, content} messages"
 _COMPLETION_HINT = "a conversational completion must be a list with one assistant message"
 _RowEncoder = Callable[[Any, str], tuple[dict, int, int]]
 
 
-class DataError(ValueError):
-    """A source cannot be read or a row is malformed; the message names source, row and field."""
-
-
 @dataclass
 class LoadReport:
-    """Counts from loading one dataset (truncation counts cover kept rows only)."""
+    """Counts from loading or checking one dataset (truncation counts cover kept rows only and stay 0
+    in a check without a tokenizer). ``rows_read = rows_kept + rows_skipped + rows_identical``."""
 
     source: str
     rows_read: int
@@ -59,125 +69,10 @@ class LoadReport:
     rows_skipped: int
     prompts_truncated: int
     completions_truncated: int
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_rows(source: str, *, split: str = "train") -> list[dict]:
-    """Read the raw rows of a file, folder or Hub dataset (see the module docstring).
-
-    JSON and JSONL files are parsed here so that errors name the line; an invalid line raises
-    ``DataError("<file>: row <line>: invalid JSON: ...")``.
-    """
-    rows, _ = _read_numbered(source, split, strict=True)
-    return rows
-
-
-def _read_numbered(source: str, split: str, *, strict: bool) -> tuple[list[Any], list[int]]:
-    """Rows plus their 1-based row numbers (JSONL: line numbers).
-
-    With ``strict=False`` an unreadable JSONL line becomes a :class:`DataError` instance in the row
-    list, so the caller can skip it like any other bad row.
-    """
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix.lower() == ".jsonl":
-            return _read_jsonl(path, source, strict=strict)
-        rows = _read_file(path, source)
-    elif path.is_dir():
-        rows = _read_folder(path, source, split)
-    elif path.suffix.lower() in FILE_SUFFIXES:
-        raise DataError(f"{source}: file not found")
-    elif source.startswith(("/", "./", "../", "~")):
-        raise DataError(f"{source}: path not found")
-    else:
-        rows = _read_hub(source, split)
-    return rows, list(range(1, len(rows) + 1))
-
-
-def _read_jsonl(path: Path, source: str, *, strict: bool) -> tuple[list[Any], list[int]]:
-    rows: list[Any] = []
-    numbers: list[int] = []
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row: Any = json.loads(line)
-            except json.JSONDecodeError as exc:
-                row = DataError(f"{source}: row {number}: invalid JSON: {exc}")
-            if not isinstance(row, dict | DataError):
-                row = DataError(f"{source}: row {number}: expected a JSON object, got {_type_name(row)}")
-            if strict and isinstance(row, DataError):
-                raise row
-            rows.append(row)
-            numbers.append(number)
-    return rows, numbers
-
-
-def _read_file(path: Path, source: str) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        return _read_json(path, source)
-    if suffix in (".csv", ".parquet"):
-        import datasets
-
-        try:
-            dataset = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        except Exception as exc:
-            raise DataError(f"{source}: cannot read {suffix[1:]} file: {exc}") from exc
-        return dataset.to_list()
-    raise DataError(
-        f"{source}: unsupported file type {suffix!r} (expected one of {', '.join(FILE_SUFFIXES)})"
-    )
-
-
-def _read_json(path: Path, source: str) -> list[dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{source}: invalid JSON: {exc}") from None
-    if isinstance(data, dict):
-        key = next((k for k in JSON_LIST_KEYS if isinstance(data.get(k), list)), None)
-        if key is None:
-            raise DataError(
-                f"{source}: expected a JSON list of objects or an object with a list under 'data', 'train' or 'rows'"
-            )
-        data = data[key]
-    if not isinstance(data, list):
-        raise DataError(f"{source}: expected a JSON list of objects, got {_type_name(data)}")
-    for number, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{source}: row {number}: expected a JSON object, got {_type_name(row)}")
-    return data
-
-
-def _read_folder(path: Path, source: str, split: str) -> list[dict]:
-    import datasets
-
-    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            if split not in dataset:
-                raise DataError(f"{source}: split {split!r} not found (available: {', '.join(dataset)})")
-            dataset = dataset[split]
-        return dataset.to_list()
-    try:
-        dataset = datasets.load_dataset(str(path), split=split)
-    except Exception as exc:
-        raise DataError(f"{source}: cannot load dataset folder (split {split!r}): {exc}") from exc
-    return dataset.to_list()
-
-
-def _read_hub(source: str, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(source, split=split)
-    except Exception as exc:
-        raise DataError(f"{source}: cannot load Hugging Face Hub dataset (split {split!r}): {exc}") from exc
-    return dataset.to_list()
+    rows_identical: int = 0
+    """Preference pairs dropped because chosen and rejected are the same text (no preference signal)."""
+    identical_rows: list[str] = field(default_factory=list)
+    """Where the first of them are (up to ten), e.g. ``pairs.jsonl: row 7``."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -262,11 +157,28 @@ def validate_preference_row(row: Any, *, source: str = "<rows>", row_number: int
     return _preference_texts(row, f"{source}: row {row_number}")[0]
 
 
-def validate_prompt_row(row: Any, *, source: str = "<rows>", row_number: int = 1) -> bool:
-    """Raise :class:`DataError` if ``row`` has no valid ``prompt``; return True if conversational."""
-    where = f"{source}: row {row_number}"
+class _IdenticalPair(Exception):
+    """A valid pair whose chosen and rejected are the same text: it is dropped, not an error."""
+
+
+def _pair_texts(row: Any, where: str) -> tuple[str, str]:
+    """Chosen and rejected text of a valid preference row with a preference in it."""
+    _, chosen, rejected = _preference_texts(row, where)
+    if chosen.strip() == rejected.strip():
+        raise _IdenticalPair(where)
+    return chosen, rejected
+
+
+def _check_preference_row(row: Any, where: str) -> tuple[dict, int, int]:
+    """The row encoder of a check without a tokenizer: validation only."""
+    _pair_texts(row, where)
+    return {"prompt": row["prompt"]}, 0, 0
+
+
+def _check_prompt_row(row: Any, where: str) -> tuple[dict, int, int]:
     _check_row_object(row, where)
-    return _check_prompt(row, where)
+    _check_prompt(row, where)
+    return {"prompt": row["prompt"]}, 0, 0
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -327,7 +239,7 @@ def _encode_preference_row(
     max_completion_length: int | None,
 ) -> tuple[dict, int, int]:
     """One preference row -> (item without index, prompts truncated, completions truncated)."""
-    _, chosen_text, rejected_text = _preference_texts(row, where)
+    chosen_text, rejected_text = _pair_texts(row, where)
     prompt_ids, prompt_cut = _keep_last(_encode_prompt(row["prompt"], tokenizer, where), max_prompt_length)
     limit = max_completion_length
     if max_length is not None:
@@ -358,10 +270,17 @@ def _encode_preference_row(
 def _encode_prompt_row(
     row: Any, where: str, *, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None
 ) -> tuple[dict, int, int]:
-    _check_row_object(row, where)
-    _check_prompt(row, where)
+    _check_prompt_row(row, where)
     prompt_ids, prompt_cut = _keep_last(_encode_prompt(row["prompt"], tokenizer, where), max_prompt_length)
     return {"prompt_input_ids": prompt_ids, "prompt": row["prompt"]}, int(prompt_cut), 0
+
+
+def _format_name(conversational: bool) -> str:
+    return "conversational (a message list)" if conversational else "plain text"
+
+
+def _shorten(wheres: Sequence[str], source: str) -> str:
+    return ", ".join(where.removeprefix(f"{source}: ") for where in wheres)
 
 
 def _encode_rows(
@@ -369,43 +288,73 @@ def _encode_rows(
     encode: _RowEncoder,
     *,
     source: str,
-    row_numbers: Sequence[int] | None,
+    wheres: Sequence[str],
     skip_bad_rows: bool,
+    tokenized: bool = True,
 ) -> tuple[list[dict], LoadReport]:
-    """Run ``encode`` over all rows, skipping or raising on bad ones, and build the report."""
+    """Run ``encode`` over all rows, skipping or raising on bad ones, and build the report.
+
+    Pairs with identical chosen and rejected are dropped with a warning. All rows must share one format:
+    a conversational row in plain-text data (or the reverse) is an error even with ``skip_bad_rows``.
+    """
     if not rows:
         raise DataError(f"{source}: no rows")
-    numbers = list(row_numbers) if row_numbers is not None else list(range(1, len(rows) + 1))
-    if len(numbers) != len(rows):
-        raise ValueError(f"row_numbers has {len(numbers)} entries for {len(rows)} rows")
+    if len(wheres) != len(rows):
+        raise ValueError(f"row_numbers or row_locations has {len(wheres)} entries for {len(rows)} rows")
     items: list[dict] = []
     errors: list[DataError] = []
+    identical: list[str] = []
+    first: tuple[bool, str] | None = None  # (conversational, where) of the first good row
     prompts_cut = completions_cut = 0
-    for row, number in zip(rows, numbers, strict=True):
+    for row, where in zip(rows, wheres, strict=True):
         try:
-            item, prompt_cut, completion_cut = encode(row, f"{source}: row {number}")
+            item, prompt_cut, completion_cut = encode(row, where)
+        except _IdenticalPair:
+            identical.append(where)
+            continue
         except DataError as exc:
             if not skip_bad_rows:
                 raise
             errors.append(exc)
             continue
+        conversational = isinstance(item["prompt"], list)
+        if first is None:
+            first = (conversational, where)
+        elif conversational != first[0]:
+            raise DataError(
+                f"{where}: field 'prompt': {_format_name(conversational)}, but {_shorten([first[1]], source)} is "
+                f"{_format_name(first[0])}: a dataset must not mix plain-text and conversational rows"
+            )
         item["index"] = len(items)
         items.append(item)
         prompts_cut += prompt_cut
         completions_cut += completion_cut
     if errors:
         logger.warning("%s: skipped %d of %d bad rows (first: %s)", source, len(errors), len(rows), errors[0])
+    if identical:
+        logger.warning(
+            "%s: dropped %d of %d pairs whose chosen and rejected are identical (no preference signal): %s%s",
+            source, len(identical), len(rows), _shorten(identical[:5], source), ", ..." if len(identical) > 5 else "",
+        )
     if not items:
-        raise DataError(f"{source}: all {len(rows)} rows are bad (first: {errors[0]})")
-    logger.info(
-        "%s: %d rows kept, %d prompts and %d completions truncated",
-        source,
-        len(items),
-        prompts_cut,
-        completions_cut,
-    )
-    report = LoadReport(source, len(rows), len(items), len(errors), prompts_cut, completions_cut)
+        if not identical:
+            raise DataError(f"{source}: all {len(rows)} rows are bad (first: {errors[0]})")
+        raise DataError(f"{source}: no usable rows: {len(errors)} bad, {len(identical)} with identical chosen and "
+                        f"rejected ({_shorten(identical[:5], source)})" + (f"; first bad: {errors[0]}" if errors else ""))
+    if tokenized:
+        logger.info("%s: %d rows kept, %d prompts and %d completions truncated", source, len(items), prompts_cut,
+                    completions_cut)
+    report = LoadReport(source, len(rows), len(items), len(errors), prompts_cut, completions_cut,
+                        rows_identical=len(identical), identical_rows=identical[:10])
     return items, report
+
+
+def _wheres(source: str, count: int, row_numbers: Sequence[int] | None,
+            row_locations: Sequence[str] | None) -> list[str]:
+    if row_locations is not None:
+        return list(row_locations)
+    numbers = list(row_numbers) if row_numbers is not None else list(range(1, count + 1))
+    return [f"{source}: row {number}" for number in numbers]
 
 
 def tokenize_preference_rows(
@@ -418,6 +367,7 @@ def tokenize_preference_rows(
     max_completion_length: int | None = None,
     skip_bad_rows: bool = False,
     row_numbers: Sequence[int] | None = None,
+    row_locations: Sequence[str] | None = None,
 ) -> tuple[list[dict], LoadReport]:
     """Validate and tokenize preference rows.
 
@@ -425,7 +375,10 @@ def tokenize_preference_rows(
     ``prompt`` (the original field) and ``index`` (position in the returned list). Truncation: the
     prompt keeps its last ``max_prompt_length`` tokens, each completion its first
     ``max_completion_length``, then completions are cut to fit ``max_length`` after the prompt.
-    ``row_numbers`` gives the 1-based numbers used in messages (default: position + 1).
+    ``row_numbers`` gives the 1-based numbers used in messages (default: position + 1);
+    ``row_locations`` replaces ``"<source>: row <n>"`` whole (rows from several files).
+    Pairs whose chosen and rejected are the same text are dropped with a warning (see
+    :class:`LoadReport`); plain-text and conversational rows must not be mixed.
     """
     _check_limits(
         max_length=max_length,
@@ -440,7 +393,8 @@ def tokenize_preference_rows(
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
     )
-    return _encode_rows(rows, encode, source=source, row_numbers=row_numbers, skip_bad_rows=skip_bad_rows)
+    wheres = _wheres(source, len(rows), row_numbers, row_locations)
+    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)
 
 
 def tokenize_prompt_rows(
@@ -451,16 +405,19 @@ def tokenize_prompt_rows(
     max_prompt_length: int | None = None,
     skip_bad_rows: bool = False,
     row_numbers: Sequence[int] | None = None,
+    row_locations: Sequence[str] | None = None,
 ) -> tuple[list[dict], LoadReport]:
     """Validate and tokenize prompt-only rows (other keys are ignored).
 
     Items: ``prompt_input_ids``, ``prompt`` (the original field) and ``index``. A prompt longer than
-    ``max_prompt_length`` keeps its last tokens.
+    ``max_prompt_length`` keeps its last tokens. ``row_numbers`` and ``row_locations``: as in
+    :func:`tokenize_preference_rows`.
     """
     _check_limits(max_prompt_length=max_prompt_length)
     _check_tokenizer(rows, tokenizer, source, eos=False)
     encode = partial(_encode_prompt_row, tokenizer=tokenizer, max_prompt_length=max_prompt_length)
-    return _encode_rows(rows, encode, source=source, row_numbers=row_numbers, skip_bad_rows=skip_bad_rows)
+    wheres = _wheres(source, len(rows), row_numbers, row_locations)
+    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)
 
 
 def load_preference_data(
@@ -474,7 +431,7 @@ def load_preference_data(
     skip_bad_rows: bool = False,
 ) -> tuple[list[dict], LoadReport]:
     """Read ``source`` and tokenize it as preference pairs (see :func:`tokenize_preference_rows`)."""
-    rows, numbers = _read_numbered(source, split, strict=not skip_bad_rows)
+    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
     return tokenize_preference_rows(
         rows,
         tokenizer,
@@ -483,7 +440,7 @@ def load_preference_data(
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
         skip_bad_rows=skip_bad_rows,
-        row_numbers=numbers,
+        row_locations=wheres,
     )
 
 
@@ -496,15 +453,36 @@ def load_prompt_data(
     skip_bad_rows: bool = False,
 ) -> tuple[list[dict], LoadReport]:
     """Read ``source`` and tokenize its prompts (see :func:`tokenize_prompt_rows`)."""
-    rows, numbers = _read_numbered(source, split, strict=not skip_bad_rows)
+    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
     return tokenize_prompt_rows(
         rows,
         tokenizer,
         source=source,
         max_prompt_length=max_prompt_length,
         skip_bad_rows=skip_bad_rows,
-        row_numbers=numbers,
+        row_locations=wheres,
     )
+
+
+def check_preference_source(source: str, *, split: str = "train", skip_bad_rows: bool = False) -> LoadReport:
+    """Read and validate every row of a preference source (every file of a folder) without a tokenizer
+    or a model, so that a run can check all its data before loading anything heavy.
+
+    The same rules and messages as :func:`load_preference_data` (which the tokenizer may still refuse
+    for reasons of its own: a missing chat template, a prompt that leaves no room within
+    ``max_length``); the report's truncation counts are 0. Raises :class:`DataError`.
+    """
+    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
+    encode = _check_preference_row
+    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows, tokenized=False)[1]
+
+
+def check_prompt_source(source: str, *, split: str = "train", skip_bad_rows: bool = False) -> LoadReport:
+    """Read and validate every row of a prompt-only source without a tokenizer or a model (see
+    :func:`check_preference_source`); rules and messages as :func:`load_prompt_data`."""
+    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
+    encode = _check_prompt_row
+    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows, tokenized=False)[1]
 
 
 def prompts_from_preference_rows(rows: Sequence[dict]) -> list[dict]:

@@ -16,9 +16,16 @@ Protocol, for each (prompt, policy answer, baseline answer):
 4. The verdict is mapped back to the original order: 1.0 if the policy answer wins, 0.0 if the
    baseline wins, 0.5 for a tie.
 
-Requests that fail with a connection error, a timeout, HTTP 429 or 5xx are retried with exponential
-backoff (`backoff_seconds * 2**attempt`); after `max_retries` retries, or on another HTTP error, a
-`JudgeEndpointError` names the URL. Every verdict is appended to a JSONL cache keyed by a SHA-256 hash
+Requests that fail with a connection error, a timeout (`timeout` seconds per request, default 60),
+HTTP 408, 429 or 5xx are retried with exponential backoff (`backoff_seconds * 2**attempt`); after
+`max_retries` retries, or on another HTTP error, a `JudgeEndpointError` names the URL that failed (after
+a redirect, the URL redirected to).
+
+Redirects: a redirect (HTTP 301, 302, 303, 307, 308) to the same origin (scheme, host and port) is
+followed by sending the same POST, body and headers to the new address (a chat completion is only a POST;
+at most `MAX_REDIRECTS` in a row). A redirect to another origin is never followed, with or without an API
+key: neither the key nor the prompts and answers are sent to a server the user did not name. It is a
+`JudgeEndpointError` naming both addresses; if the new one is trusted, pass it as the base URL. Every verdict is appended to a JSONL cache keyed by a SHA-256 hash
 of (model, template, prompt, first answer, second answer), so an interrupted evaluation resumes without
 asking twice. Only the standard library is used.
 
@@ -34,6 +41,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -56,6 +64,9 @@ Answer with exactly one word: A if Response A is better, B if Response B is bett
 
 _VERDICT_RE = re.compile(r"^(?:response|answer)?\s*(a|b|tie)$")
 _RETRY_CODES = {408, 429, 500, 502, 503, 504}
+_REDIRECT_CODES = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 5
+"""Redirects followed in a row (all within the endpoint's origin) before the request fails."""
 
 
 class JudgeEndpointError(RuntimeError):
@@ -70,6 +81,25 @@ def parse_verdict(text: str) -> str | None:
         return None
     verdict = match.group(1)
     return "tie" if verdict == "tie" else verdict.upper()
+
+
+class _RedirectsAsErrors(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect to any host with the Authorization header (and turn the POST into a
+    GET); here a redirect comes back as an `HTTPError` that `LLMJudge` handles itself."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what a redirect must keep."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port never matches
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _digest(*parts: str) -> str:
@@ -112,6 +142,13 @@ class LLMJudge:
                  cache_path: str | Path | None = None, seed: int = 0, template: str = TEMPLATE,
                  max_retries: int = 4, backoff_seconds: float = 1.0, timeout: float = 60.0, max_tokens: int = 8):
         self.url = base_url.rstrip("/") + "/chat/completions"
+        if urllib.parse.urlsplit(self.url).scheme.lower() not in ("http", "https") or not _origin(self.url)[1]:
+            raise ValueError(f"LLM judge base URL must be http(s)://host[:port]/path, got {base_url!r}")
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"LLM judge timeout must be a positive number of seconds, got {timeout!r}")
+        if max_retries < 0:
+            raise ValueError(f"LLM judge max_retries must be >= 0, got {max_retries!r}")
+        self._opener = urllib.request.build_opener(_RedirectsAsErrors)
         self.model, self.api_key_env, self.seed, self.template = model, api_key_env, seed, template
         self.max_retries, self.backoff_seconds, self.timeout, self.max_tokens = max_retries, backoff_seconds, \
             timeout, max_tokens
@@ -147,12 +184,29 @@ class LLMJudge:
             return "tie"
         return verdict
 
-    def _content(self, raw: bytes) -> str:
+    def _content(self, raw: bytes, url: str) -> str:
         try:
             return json.loads(raw)["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeEndpointError(f"LLM judge endpoint {self.url} sent no chat completion: "
-                                     f"{raw[:200]!r}") from None
+            raise JudgeEndpointError(f"LLM judge endpoint {url} sent no chat completion: {raw[:200]!r}") from None
+
+    def _redirect(self, url: str, error: urllib.error.HTTPError, hops: int) -> str:
+        """Where a redirect answer points, if it may be followed (see the module docstring)."""
+        location = error.headers.get("Location")
+        error.close()
+        if not location:
+            raise JudgeEndpointError(f"LLM judge endpoint {url} answered HTTP {error.code} without a Location")
+        target = urllib.parse.urljoin(url, location)
+        if _origin(target) != _origin(url):
+            raise JudgeEndpointError(
+                f"LLM judge endpoint {url} redirected (HTTP {error.code}) to {target}, another origin; requests "
+                "and API keys are never sent to a server other than the one named: if you trust it, use that "
+                "address as the base URL (--judge-base-url)")
+        if hops >= MAX_REDIRECTS:
+            raise JudgeEndpointError(f"LLM judge endpoint {self.url}: more than {MAX_REDIRECTS} redirects "
+                                     f"(the last to {target})")
+        logger.info("LLM judge: %s redirects (HTTP %d) to %s", url, error.code, target)
+        return target
 
     def _chat(self, content: str) -> str:
         """One chat completion, retried with exponential backoff on transient failures."""
@@ -163,22 +217,28 @@ class LLMJudge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            self.requests += 1
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return self._content(response.read())
-            except urllib.error.HTTPError as error:
-                if error.code not in _RETRY_CODES:
-                    detail = error.read().decode(errors="replace")[:200]
-                    raise JudgeEndpointError(f"LLM judge endpoint {self.url} answered HTTP {error.code}: "
-                                             f"{detail}") from None
-                reason = f"HTTP {error.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                reason = str(getattr(error, "reason", error))
+            url, hops = self.url, 0
+            while True:  # one attempt: the request and its same-origin redirects
+                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+                self.requests += 1
+                try:
+                    with self._opener.open(request, timeout=self.timeout) as response:
+                        return self._content(response.read(), url)
+                except urllib.error.HTTPError as error:
+                    if error.code in _REDIRECT_CODES:
+                        url, hops = self._redirect(url, error, hops), hops + 1
+                        continue
+                    if error.code not in _RETRY_CODES:
+                        detail = error.read().decode(errors="replace")[:200]
+                        raise JudgeEndpointError(f"LLM judge endpoint {url} answered HTTP {error.code}: "
+                                                 f"{detail}") from None
+                    reason = f"HTTP {error.code}"
+                except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                    reason = str(getattr(error, "reason", error))
+                break
             if attempt < self.max_retries:
                 delay = self.backoff_seconds * 2**attempt
-                logger.warning("LLM judge %s: %s; retrying in %.1f s", self.url, reason, delay)
+                logger.warning("LLM judge %s: %s; retrying in %.1f s", url, reason, delay)
                 time.sleep(delay)
-        raise JudgeEndpointError(f"LLM judge endpoint {self.url} is unreachable after {self.max_retries + 1} "
+        raise JudgeEndpointError(f"LLM judge endpoint {url} is unreachable after {self.max_retries + 1} "
                                  f"attempts (last error: {reason}); check --judge-base-url")
