@@ -100,11 +100,13 @@ def train(config: HyPOConfig) -> RunResult:
     from hypo.data import PairCollator, PromptCollator, ShuffledBatches, load_training_data
     from hypo.evaluate import evaluate_during_training
     from hypo.models import load_policy_and_reference
+    from hypo.preflight import check_run_inputs
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     online = config.method == "hypo"  # the one place the method decides what runs
     output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
+    check_run_inputs(config)  # every data row, the judge, the model paths
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(output_dir), cpu=_multi_process_cpu())
     seed_everything(config.seed)
