@@ -4,12 +4,12 @@ the judge's name, the model paths."""
 from __future__ import annotations
 
 import pytest
+from test_train import FAST
 
 import hypo.models
 from hypo.config import HyPOConfig
 from hypo.preflight import check_model_path
 from hypo.trainer import train
-from test_train import FAST
 
 
 @pytest.fixture
