@@ -53,8 +53,15 @@ class HyPOConfig:
         DEFAULT_MODEL)
     gguf_file: str | None = _help("GGUF file name inside model_name_or_path (a folder), if the model is GGUF.")
     ref_model_name_or_path: str | None = _help("Reference model; default: a frozen copy of the initial policy.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
+        "Compute precision (accelerate's mixed_precision; --mixed_precision bf16 is Trainer's --bf16): the weights "
+        "and optimizer stay float32 and the forward passes of policy and reference run under autocast. auto: bf16 "
+        "on GPUs that support it, no on CPUs (bf16 matmuls are slower there). fp16 scales the loss (GPU only).",
+        "auto")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = _help(
-        "Weights dtype. float32 on CPU (bf16 is slower there); bfloat16 on recent GPUs.", "float32")
+        "Weights dtype. Keep float32 (with mixed_precision for speed): bfloat16 weights round most AdamW updates "
+        "away (about 90% of weights never change at learning rates near 1e-5), float16 weights are refused.",
+        "float32")
     use_peft: bool = _help("Train LoRA adapters; the reference is then the base model with adapters disabled.", False)
     lora_r: int = _help("LoRA rank.", 16)
     lora_alpha: int = _help("LoRA alpha.", 32)
@@ -130,6 +137,12 @@ class HyPOConfig:
             kind = next((t for t in (int, float) if annotation in (t, t | None)), None)
             if kind is not None and value is not None and type(value) is not kind:
                 setattr(self, name, kind(value))
+        if self.dtype == "bfloat16":
+            warnings.warn("dtype=bfloat16 keeps the weights themselves in bf16 (8 bits of mantissa): AdamW updates "
+                          "smaller than about 1/256 of a weight are rounded away, so at learning rates near 1e-5 "
+                          "most weights never change (measured: 84-90% of weight elements unchanged after 4-12 "
+                          "steps). Use dtype=float32 with mixed_precision=bf16 for bf16 speed with every update "
+                          "kept.", stacklevel=2)
         if self.method == "hypo" and self.num_generations == 1:
             warnings.warn("num_generations=1: the KL estimator has no baseline (higher variance)", stacklevel=2)
 
@@ -204,6 +217,9 @@ def _problems(c: HyPOConfig):
                  "logging_steps", "eval_num_samples", "eval_batch_size"):
         if getattr(c, name) < 1:
             yield f"{name} must be >= 1, got {getattr(c, name)}"
+    if c.dtype == "float16":
+        yield ("dtype=float16 weights are refused: without loss scaling or float32 master weights, updates are "
+               "rounded away and gradients overflow silently; use mixed_precision=fp16 (float32 weights, scaled loss)")
     if c.max_prompt_length >= c.max_length:
         yield f"max_prompt_length ({c.max_prompt_length}) must be < max_length ({c.max_length})"
     if c.method == "hypo" and (c.temperature != 1.0 or c.top_p != 1.0):

@@ -385,6 +385,13 @@ class Reference:
             self.model.to(device)
         return self
 
+    def prepare(self, accelerator) -> Reference:
+        """On the accelerator's device, its forward under the accelerator's autocast (mixed precision) like
+        the policy's, never wrapped for training (no DDP). A LoRA reference is the prepared policy itself."""
+        if self.model is not None:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+        return self
+
 
 def load_policy_and_reference(config, checkpoint: Path | None = None):
     """Tokenizer, trainable policy, and the frozen reference of a `HyPOConfig`. Resuming, the policy comes
@@ -406,5 +413,8 @@ def load_policy_and_reference(config, checkpoint: Path | None = None):
             policy = add_lora(policy, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                               target_modules=config.lora_target_modules)
         return tokenizer, policy, Reference(peft_policy=policy)
+    if config.dtype == "auto" and any(p.dtype == torch.bfloat16 for p in policy.parameters()):
+        logger.warning("dtype=auto loaded bfloat16 weights: AdamW updates smaller than about 1/256 of a weight "
+                       "are rounded away; pass --dtype float32 (with --mixed_precision bf16) to keep every update")
     ref_path = resolve_model_path(config.ref_model_name_or_path) if config.ref_model_name_or_path else policy_path
     return tokenizer, policy, Reference(load_causal_lm(ref_path, config.dtype))

@@ -65,6 +65,17 @@ def make_optimizer(parameters: list[torch.nn.Parameter], config: HyPOConfig, dev
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, **fused)
 
 
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """`auto`: bf16 autocast on a GPU that supports it, none on CPUs (bf16 matmuls are slower there).
+    fp16 needs a GPU: its loss scaling is CUDA's."""
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if mixed_precision == "fp16" and not cuda:
+        raise ValueError("mixed_precision=fp16 needs a CUDA GPU (loss scaling); on CPUs use bf16 or no")
+    return mixed_precision
+
+
 def runs_one_backward(accelerator, online: bool) -> bool:
     """DeepSpeed counts backward calls as micro-steps: there HyPO runs one backward of the summed loss
     instead of one per term."""
@@ -108,7 +119,8 @@ def train(config: HyPOConfig) -> RunResult:
     output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
     check_run_inputs(config)  # every data row, the judge, the model paths
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
-    accelerator = Accelerator(log_with=trackers or None, project_dir=str(output_dir), cpu=_multi_process_cpu())
+    accelerator = Accelerator(log_with=trackers or None, project_dir=str(output_dir), cpu=_multi_process_cpu(),
+                              mixed_precision=resolve_mixed_precision(config.mixed_precision))
     seed_everything(config.seed)
     if accelerator.is_main_process and checkpoint is None:
         move_aside(output_dir)  # only with overwrite_output_dir: run_folder refused otherwise
@@ -132,8 +144,8 @@ def train(config: HyPOConfig) -> RunResult:
     optimizer = make_optimizer(trainable, config, accelerator.device)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    reference.to(accelerator.device)
+    policy, optimizer = accelerator.prepare(policy, optimizer)  # the policy's forward runs under autocast
+    reference.prepare(accelerator)  # on the device, under the same autocast, never wrapped for training
     state = TrainerState(step=start_step, ref_cache={} if config.precompute_ref_log_probs else None)
     accelerator.register_for_checkpointing(scheduler, state)
     skip_model_weights(accelerator)  # checkpoints hold the weights once, in Hugging Face format
@@ -183,6 +195,8 @@ def train(config: HyPOConfig) -> RunResult:
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm \
                 else _grad_norm(trainable)
             problem = _non_finite(accelerator, finite, grad_norm)
+            if problem == "the gradient norm" and accelerator.scaler is not None:
+                problem = None  # fp16 loss scaling: the scaler skips this step and lowers its scale
             if problem is None:
                 optimizer.step()
                 scheduler.step()
