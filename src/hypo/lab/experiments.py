@@ -41,8 +41,10 @@ class LabConfig:
     instances: int = 40
     regimes: tuple[str, ...] = REGIMES
     num_pairs: int = 128
-    betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
-    rlhf_betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)
+    betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)
+    """beta values of DPO and HyPO."""
+    rlhf_betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0)
+    """beta (KL weight) values of RLHF; its optimum is closed form, so a dense sweep costs nothing."""
     kl_coefs: tuple[float, ...] = (0.01, 0.1, 1.0)
     """kl_coef values of HyPO, the same for the exact and the sampled online term."""
     num_generations: int = 4
