@@ -268,3 +268,30 @@ def test_full_batch_adam_first_steps():
     (theta * torch.tensor([3.0, -0.5], dtype=torch.float64)).sum().backward()
     optimizer.step()
     assert theta.tolist() == pytest.approx([-0.3, 0.05])
+
+
+def test_tabular_exact_hypo_under_adam_hardly_depends_on_kl_coef():
+    """A property of the optimizer, documented in docs/coverage-lab.md: in tabular-partial, the only gradient
+    on the parameter of an uncovered response is the KL term's; Adam divides each coordinate's step by its
+    own gradient scale, so that term moves it at full step size however small kl_coef is. Exact HyPO with
+    kl_coef = 1e-4 therefore ends about where kl_coef = 1e-2 does (low KL, mass moved off the data), far
+    from DPO (kl_coef = 0), while plain gradient descent with the same kl_coef stays with DPO."""
+    generator = torch.Generator().manual_seed(1)
+    bandit = make_bandit("tabular-partial-bt", 6, generator)
+    pairs = sample_pairs(bandit, 128, labels="bt", generator=generator)
+    adam, gd = TrainSettings(steps=400, log_every=400), TrainSettings(steps=400, learning_rate=1.0,
+                                                                       optimizer="gd", log_every=400)
+
+    def final(spec, settings):
+        _, history = train_policy(bandit, pairs, spec, settings)
+        return history["objective/kl"][-1].mean().item(), history["off_support_mass"][-1].mean().item()
+
+    dpo_kl, dpo_off = final(MethodSpec("dpo", beta=0.1), adam)
+    tiny_kl, tiny_off = final(MethodSpec("hypo", beta=0.1, kl_coef=1e-4), adam)
+    small_kl, _ = final(MethodSpec("hypo", beta=0.1, kl_coef=1e-2), adam)
+    assert dpo_kl > 2.5 and dpo_off < 0.05
+    assert tiny_kl < 0.5 and tiny_off > 0.8  # kl_coef = 1e-4 already stops DPO's drift under Adam
+    assert abs(tiny_kl - small_kl) < 0.1
+    gd_dpo_kl, _ = final(MethodSpec("dpo", beta=0.1), gd)
+    gd_tiny_kl, _ = final(MethodSpec("hypo", beta=0.1, kl_coef=1e-4), gd)
+    assert gd_tiny_kl == pytest.approx(gd_dpo_kl, rel=0.01)
