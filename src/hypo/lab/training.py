@@ -20,7 +20,6 @@ from hypo.lab.bandit import (
     mass_on,
     policy_logps,
     reverse_kl,
-    rlhf_objective,
     sampled_kl_objective,
     win_rate,
 )
@@ -74,24 +73,68 @@ class FullBatchOptimizer:
         self.param.grad = None
 
 
-def fit_reward_model(bandit: Bandit, pairs: Pairs, *, steps: int = 300, lr: float = 0.05,
-                     weight_decay: float = 1e-3) -> torch.Tensor:
-    """Bradley-Terry reward model r_hat = w . phi(x, y) on the same pairs and the policy's features
-    (one-hot for tabular), fitted by full-batch Adam on the mean -log sigmoid(r_hat(y+) - r_hat(y-))
-    plus weight_decay * |w|^2 (the L2 term keeps w finite on separable data).
+def reward_model_loss(w: torch.Tensor, bandit: Bandit, pairs: Pairs, *, weight_decay: float) -> torch.Tensor:
+    """Bradley-Terry (logistic) loss of r_hat = w . phi on the pairs plus weight_decay * |w|^2:
+    mean over pairs of -log sigmoid(r_hat(x, y+) - r_hat(x, y-)) + weight_decay * |w|^2.
 
-    Shape: -> r_hat (I, X, Y)
+    Shape: w (I, d) -> (I,)
     """
-    w = torch.zeros(bandit.features.shape[0], bandit.features.shape[-1], dtype=torch.float64, requires_grad=True)
-    optimizer = FullBatchOptimizer(w, lr=lr)
-    for _ in range(steps):
-        reward_hat = torch.einsum("ixyd,id->ixy", bandit.features, w)
-        chosen, rejected = gather_pairs(reward_hat, pairs)
-        loss = -F.logsigmoid(chosen - rejected).mean(-1) + weight_decay * (w**2).sum(-1)  # (I,)
-        optimizer.zero_grad()
-        loss.sum().backward()
-        optimizer.step()
-    return torch.einsum("ixyd,id->ixy", bandit.features, w.detach())
+    chosen, rejected = gather_pairs(torch.einsum("ixyd,id->ixy", bandit.features, w), pairs)
+    return -F.logsigmoid(chosen - rejected).mean(-1) + weight_decay * (w**2).sum(-1)
+
+
+def fit_reward_model(bandit: Bandit, pairs: Pairs, *, weight_decay: float = 1e-3, tol: float = 1e-10,
+                     max_iter: int = 100) -> torch.Tensor:
+    """The Bradley-Terry reward model r_hat = w . phi(x, y) on the same pairs and the policy's features
+    (one-hot for tabular): the minimizer of `reward_model_loss`, an L2-regularized logistic regression
+    on the feature differences z = phi(x, y+) - phi(x, y-) (the L2 term keeps w finite on separable
+    data and makes the loss strictly convex). Solved by Newton's method with a backtracking line search,
+    per instance, until every gradient coordinate is below `tol`:
+        gradient = -mean_n sigmoid(-w . z_n) z_n + 2 weight_decay w,
+        Hessian  =  mean_n sigmoid(w . z_n) sigmoid(-w . z_n) z_n z_n^T + 2 weight_decay I.
+
+    Shape: -> w (I, d)
+    """
+    num_responses = bandit.features.shape[2]
+    flat = bandit.features.flatten(1, 2)  # (I, X * Y, d)
+    d = flat.shape[-1]
+
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        return flat.gather(1, index.unsqueeze(-1).expand(-1, -1, d))  # (I, N, d)
+
+    z = rows(pairs.context * num_responses + pairs.chosen) - rows(pairs.context * num_responses + pairs.rejected)
+    eye = torch.eye(d, dtype=flat.dtype)
+
+    def loss(w: torch.Tensor) -> torch.Tensor:  # (I, d) -> (I,)
+        return F.softplus(-torch.einsum("ind,id->in", z, w)).mean(-1) + weight_decay * (w**2).sum(-1)
+
+    w = torch.zeros(flat.shape[0], d, dtype=flat.dtype)
+    for _ in range(max_iter):
+        margins = torch.einsum("ind,id->in", z, w)  # (I, N)
+        grad = -(torch.sigmoid(-margins).unsqueeze(-1) * z).mean(1) + 2 * weight_decay * w  # (I, d)
+        if grad.abs().max() < tol:
+            return w
+        curvature = torch.sigmoid(margins) * torch.sigmoid(-margins)  # (I, N)
+        hessian = torch.einsum("in,ind,ine->ide", curvature, z, z) / z.shape[1] + 2 * weight_decay * eye
+        step = -torch.linalg.solve(hessian, grad)  # (I, d), a descent direction
+        size, current = torch.ones(w.shape[0], 1, dtype=w.dtype), loss(w)
+        slope = (grad * step).sum(-1)  # (I,) < 0
+        for _ in range(40):  # halve the step where it does not decrease the loss enough (Armijo, up to rounding)
+            short = loss(w + size * step) > current + 1e-4 * size.squeeze(-1) * slope + 1e-12
+            if not short.any():
+                break
+            size = torch.where(short.unsqueeze(-1), size / 2, size)
+        w = w + size * step
+    raise RuntimeError(f"reward model fit did not converge in {max_iter} Newton steps")
+
+
+def rlhf_optimum(reward_weights: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """The maximizer of the KL-regularized RLHF objective E_pi r_hat - beta KL(pi || pi_ref) for a reward
+    model in the policy's class, r_hat = w . phi: pi* = pi_ref exp(r_hat / beta) / Z, i.e. theta* = w / beta.
+
+    Shape: reward_weights (I, d) -> theta (I, d)
+    """
+    return reward_weights / beta
 
 
 def policy_metrics(theta: torch.Tensor, bandit: Bandit, pairs: Pairs) -> dict[str, torch.Tensor]:
@@ -117,12 +160,26 @@ def policy_metrics(theta: torch.Tensor, bandit: Bandit, pairs: Pairs) -> dict[st
         }
 
 
+def world_metrics(theta: torch.Tensor, bandit: Bandit,
+                  worlds: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Gold reward gain (E_pi r - E_ref r) and win rate against pi_ref of pi_theta under each world's gold
+    reward r, averaged over the contexts of each instance. The policy and its KL do not depend on the world.
+
+    Shape: theta (I, d), worlds {name: (I, X, Y)} -> {name: {"reward_gain": (I,), "win_rate": (I,)}}
+    """
+    with torch.no_grad():
+        logps = policy_logps(theta, bandit)
+        return {name: {"reward_gain": (expected_reward(logps, r) - expected_reward(bandit.ref_logps, r)).mean(-1),
+                       "win_rate": win_rate(logps, bandit.ref_logps, r).mean(-1)}
+                for name, r in worlds.items()}
+
+
 def method_loss(theta: torch.Tensor, bandit: Bandit, pairs: Pairs, spec: MethodSpec, *,
-                reward_hat: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+                generator: torch.Generator) -> torch.Tensor:
     """The per-instance training loss of each method (the one place that branches on it).
 
     dpo: DPO on the pairs; hypo: DPO + kl_coef * exact E_x KL (paper eq. 6); hypo_sampled: the same with
-    the sampled leave-one-out estimator; rlhf: exact KL-regularized objective on the fitted reward model.
+    the sampled leave-one-out estimator. (rlhf has a closed-form optimum, `rlhf_optimum`.)
     Shape: theta (I, d) -> (I,)
     """
     if spec.method == "dpo":
@@ -132,17 +189,15 @@ def method_loss(theta: torch.Tensor, bandit: Bandit, pairs: Pairs, spec: MethodS
     if spec.method == "hypo_sampled":
         kl = sampled_kl_objective(theta, bandit, num_generations=spec.num_generations, generator=generator)
         return dpo_objective(theta, bandit, pairs, beta=spec.beta) + spec.kl_coef * kl
-    if spec.method == "rlhf":
-        if reward_hat is None:
-            raise ValueError("rlhf needs a fitted reward model (reward_hat)")
-        return rlhf_objective(theta, bandit, reward_hat, beta=spec.beta)
     raise ValueError(f"method {spec.method!r} has no loss")
 
 
 def train_policy(bandit: Bandit, pairs: Pairs, spec: MethodSpec, settings: TrainSettings, *,
-                 reward_hat: torch.Tensor | None = None,
+                 reward_weights: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Train theta from 0 (the reference) with full-batch steps; instances are independent.
+    """Train theta from 0 (the reference) with full-batch steps; instances are independent. rlhf is not
+    trained by steps: its theta is the exact optimum for the fitted reward model `reward_weights`
+    (`rlhf_optimum`), recorded at step 0 (the reference) and at the last step.
 
     Returns the final theta and the metric history. Shape: -> theta (I, d), history dict of (T, I)
     """
@@ -157,10 +212,15 @@ def train_policy(bandit: Bandit, pairs: Pairs, spec: MethodSpec, settings: Train
             history[name].append(value)
 
     record(0)
-    if spec.method != "reference":
+    if spec.method == "rlhf":
+        if reward_weights is None:
+            raise ValueError("rlhf needs a fitted reward model (reward_weights)")
+        theta = rlhf_optimum(reward_weights, beta=spec.beta)
+        record(settings.steps)
+    elif spec.method != "reference":
         optimizer = FullBatchOptimizer(theta, lr=settings.learning_rate, kind=settings.optimizer)
         for step in range(1, settings.steps + 1):
-            loss = method_loss(theta, bandit, pairs, spec, reward_hat=reward_hat, generator=generator)
+            loss = method_loss(theta, bandit, pairs, spec, generator=generator)
             optimizer.zero_grad()
             loss.sum().backward()  # instances share no parameters: the sum trains each one on its own loss
             optimizer.step()
