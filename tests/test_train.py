@@ -107,6 +107,15 @@ def test_shared_prompt_forward_changes_nothing(tiny_model_dir, tiny_task, tmp_pa
     assert not torch.allclose(_weights(shared.model_dir)["lm_head.weight"], _weights(tiny_model_dir)["lm_head.weight"])
 
 
+def test_sharing_the_prompt_forward_follows_the_device_unless_set():
+    from hypo.trainer import shares_prompt_forward
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert shares_prompt_forward(HyPOConfig(), cpu) and not shares_prompt_forward(HyPOConfig(), cuda)
+    assert shares_prompt_forward(HyPOConfig(share_prompt_forward=True), cuda)
+    assert not shares_prompt_forward(HyPOConfig(share_prompt_forward=True, gradient_checkpointing=True), cpu)
+
+
 def test_lora_uses_base_model_as_reference(tiny_model_dir, tiny_task, tmp_path):
     result = train(_config(tiny_model_dir, tiny_task, tmp_path, "lora", use_peft=True, lora_r=4, lora_alpha=8))
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -155,7 +164,7 @@ def test_kl_step_gradient_matches_exact_reverse_kl(tiny_tokenizer):
 def _context(policy, reference, config, tokenizer) -> StepContext:
     return StepContext(policy=policy, sampler=policy, reference=reference, config=config,
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       share_prompt=config.share_prompt_forward, ref_cache=None)
+                       share_prompt=True, ref_cache=None)
 
 
 def test_one_backward_of_the_summed_loss_changes_nothing(tiny_model_dir, tiny_task, tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ class HyPOConfig:
         "auto")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = _help(
         "Weights dtype. Keep float32 (with mixed_precision for speed): bfloat16 weights round most AdamW updates "
-        "away (about 90% of weights never change at learning rates near 1e-5), float16 weights are refused.",
+        "away (about 9 in 10 weights never change at learning rates near 1e-5), float16 weights are refused.",
         "float32")
     use_peft: bool = _help("Train LoRA adapters; the reference is then the base model with adapters disabled.", False)
     lora_r: int = _help("LoRA rank.", 16)
@@ -95,10 +95,11 @@ class HyPOConfig:
     warmup_ratio: float = _help("Fraction of the steps spent warming the learning rate up from 0.", 0.1)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", 1.0)
-    share_prompt_forward: bool = _help(
+    share_prompt_forward: bool | None = _help(
         "Run each prompt once and score its completions (chosen and rejected, or its k samples) against the "
-        "prompt's cached keys and values: the same log-probs and gradients for less compute. Not used with "
-        "gradient_checkpointing.", True)
+        "prompt's cached keys and values: the same log-probs and gradients for less compute. Default: on CPUs "
+        "(DPO step 4.12 -> 3.60 s on 2 cores), off on GPUs (two small forwards cost more kernel launches than one: "
+        "DPO 0.181 vs 0.096 s per step for a 1.1B model on an H100). Not used with gradient_checkpointing.")
     precompute_ref_log_probs: bool = _help(
         "Cache the reference log-probs of each offline pair the first time it is seen (the reference is frozen).",
         True)

@@ -76,6 +76,13 @@ def resolve_mixed_precision(mixed_precision: str) -> str:
     return mixed_precision
 
 
+def shares_prompt_forward(config: HyPOConfig, device: torch.device) -> bool:
+    """Each prompt run once (its keys/values reused by its completions) where that is faster: on CPUs, not on
+    GPUs (docs/performance.md), unless set; never with gradient checkpointing."""
+    wanted = config.share_prompt_forward if config.share_prompt_forward is not None else device.type == "cpu"
+    return wanted and not config.gradient_checkpointing
+
+
 def runs_one_backward(accelerator, online: bool) -> bool:
     """DeepSpeed counts backward calls as micro-steps: there HyPO runs one backward of the summed loss
     instead of one per term."""
@@ -153,7 +160,7 @@ def train(config: HyPOConfig) -> RunResult:
         accelerator.load_state(str(checkpoint / "training_state"))  # optimizer, schedule, RNG, state
     ctx = StepContext(policy=policy, sampler=accelerator.unwrap_model(policy), reference=reference, config=config,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      share_prompt=config.share_prompt_forward and not config.gradient_checkpointing,
+                      share_prompt=shares_prompt_forward(config, accelerator.device),
                       ref_cache=state.ref_cache)
     one_backward = runs_one_backward(accelerator, online)
     run_logger = RunLogger(output_dir, accelerator, trackers, config.to_dict(), resume_after=start_step if checkpoint else None)
