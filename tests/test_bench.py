@@ -61,6 +61,30 @@ def test_the_workload_is_a_hypo_config_and_travels_to_the_variant_processes():
     assert BenchSettings.from_json(settings.to_json()) == settings
 
 
+def test_targets_follow_the_device():
+    from hypo.bench import _meets
+
+    assert _meets("hypo_vs_trl_dpo_plus_rloo", 0.5, "cpu") == "<= 0.6: met"
+    assert _meets("hypo_vs_trl_dpo_plus_rloo", 0.5, "cuda") == "<= 0.3: NOT met"
+    assert _meets("hypo_vs_dpo_step", 3.5, "cuda") == "<= 4: met" and _meets("hypo_vs_dpo_step", 3.5, "cpu") == ""
+
+
+def test_weights_changed_measures_what_bf16_weights_lose(tiny_model_dir, tiny_task):
+    import warnings
+
+    from hypo.bench import weights_changed
+    from hypo.config import HyPOConfig
+    from test_train import FAST
+
+    config = HyPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(tiny_task["pairs"]), judge=None,
+                        mixed_precision="bf16", **{**FAST, "learning_rate": 1e-5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        changed = weights_changed(BenchSettings(config=config), steps=4)
+    assert changed["changed_fraction_float32_weights"] > 0.99
+    assert changed["changed_fraction_bfloat16_weights"] < 0.5
+
+
 def test_machine_probes_measure_positive_rates():
     assert measure_matmul(n=256, repeats=3) > 1e8
     assert measure_copy_bandwidth(megabytes=16, repeats=3) > 1e8
@@ -70,9 +94,11 @@ def test_machine_probes_measure_positive_rates():
 @pytest.mark.slow
 def test_bench_command_on_the_tiny_model(tiny_model_dir, tmp_path):
     output = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--model_name_or_path", str(tiny_model_dir), "--output", str(output)]) == 0
+    assert main(["bench", "--quick", "--weights_changed", "--model_name_or_path", str(tiny_model_dir),
+                 "--output", str(output)]) == 0
     report = json.loads(output.read_text())
-    assert set(report["results"]) == {"machine", "dpo", "hypo", "hypo-prompts1", "trl-dpo", "trl-rloo"}
+    assert set(report["results"]) == {"machine", "dpo", "hypo", "hypo-prompts1", "trl-dpo", "trl-rloo",
+                                      "weights-changed"}
     for name in ("dpo", "hypo", "trl-dpo", "trl-rloo"):
         assert report["results"][name]["time/step"] > 0 and report["results"][name]["peak_rss_gb"] > 0
     assert report["results"]["hypo"]["decode_steps"] <= 8

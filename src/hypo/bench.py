@@ -34,13 +34,23 @@ from hypo.config import HyPOConfig
 
 RESULT_PREFIX = "BENCH_RESULT "
 TARGETS = {
-    "dpo_vs_trl_dpo": ("<=", 0.8),
-    "hypo_vs_trl_dpo_plus_rloo": ("<=", 0.6),
-    "hypo_vs_floor": ("<=", 1.5),
-    "decode_step_vs_floor": ("<=", 2.0),
-    "forward_backward_vs_matmul": (">=", 0.7),
-    "hypo_vs_dpo_peak_memory": ("<=", 1.2),
+    "cpu": {
+        "dpo_vs_trl_dpo": ("<=", 0.8),
+        "hypo_vs_trl_dpo_plus_rloo": ("<=", 0.6),
+        "hypo_vs_floor": ("<=", 1.5),
+        "decode_step_vs_floor": ("<=", 2.0),
+        "forward_backward_vs_matmul": (">=", 0.7),
+        "hypo_vs_dpo_peak_memory": ("<=", 1.2),
+    },
+    "cuda": {
+        "dpo_vs_trl_dpo": ("<=", 0.7),
+        "hypo_vs_trl_dpo_plus_rloo": ("<=", 0.3),
+        "hypo_vs_dpo_step": ("<=", 4.0),
+        "decode_step_vs_floor": ("<=", 3.0),
+        "hypo_vs_dpo_peak_memory": ("<=", 1.2),
+    },
 }
+"""Targets of the ratios by device: the same command compares against TRL on a CPU or a GPU."""
 
 
 def _workload() -> HyPOConfig:
@@ -58,6 +68,7 @@ class BenchSettings:
     measured_steps: int = 5
     fewer_prompts: tuple[int, ...] = (2, 1)
     trl: bool = True
+    weights_changed: bool = False
 
     @property
     def steps(self) -> int:
@@ -84,81 +95,95 @@ def _median_after_warmup(values: list[float], warmup: int) -> float:
 # --- the machine -------------------------------------------------------------------------------------------
 
 
-def measure_matmul(n: int = 2048, repeats: int = 10) -> float:
-    """fp32 matmul FLOP/s (median of `repeats`)."""
+def _device():
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def measure_matmul(n: int = 2048, repeats: int = 10, dtype=None) -> float:
+    """Matmul FLOP/s on the bench device (median of `repeats`): fp32 on a CPU, `dtype` (the training
+    compute precision) on a GPU."""
+    import torch
+
+    a = torch.randn(n, n, device=_device(), dtype=dtype)
+    b = torch.randn(n, n, device=_device(), dtype=dtype)
     a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / statistics.median(_timed(lambda: a @ b) for _ in range(repeats))
 
 
 def measure_copy_bandwidth(megabytes: int = 512, repeats: int = 8) -> float:
     """Bytes read + written per second by a large tensor copy (median of `repeats`)."""
     import torch
 
-    source = torch.randn(megabytes * 2**20 // 4)
+    source = torch.randn(megabytes * 2**20 // 4, device=_device())
     target = torch.empty_like(source)
     target.copy_(source)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        times.append(time.perf_counter() - start)
-    return 2 * source.numel() * 4 / statistics.median(times)
+    return 2 * source.numel() * 4 / statistics.median(_timed(lambda: target.copy_(source)) for _ in range(repeats))
 
 
 def measure_read_bandwidth(megabytes: int = 512, repeats: int = 8) -> float:
     """Bytes read per second by a sum over a large tensor (median of `repeats`): a check on the copy figure."""
     import torch
 
-    source = torch.randn(megabytes * 2**20 // 4)
+    source = torch.randn(megabytes * 2**20 // 4, device=_device())
     source.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        source.sum()
-        times.append(time.perf_counter() - start)
-    return source.numel() * 4 / statistics.median(times)
+    return source.numel() * 4 / statistics.median(_timed(lambda: source.sum()) for _ in range(repeats))
 
 
 def measure_machine(settings: BenchSettings) -> dict[str, float]:
-    """Matmul rate, copy bandwidth, a decoding step at the online batch size and a plain forward+backward."""
+    """Matmul rate, copy bandwidth, a decoding step at the online batch size and a plain forward+backward,
+    on the bench device, at the training compute precision (bf16 autocast on GPUs by default)."""
     import torch
 
     from hypo.data import PromptCollator, load_prompt_data
     from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
     from hypo.sampling import sampling_config
     from hypo.tasks import get_task
+    from hypo.trainer import resolve_mixed_precision
 
-    config = settings.config
+    config, device = settings.config, _device()
+    precision = resolve_mixed_precision(config.mixed_precision)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(config.seed)
-    result = {"matmul_flops": measure_matmul(), "copy_bytes_per_second": measure_copy_bandwidth(),
-              "read_bytes_per_second": measure_read_bandwidth()}
+    result = {"device": device.type, "mixed_precision": precision,
+              "matmul_flops": measure_matmul(dtype=compute_dtype if device.type == "cuda" else None),
+              "copy_bytes_per_second": measure_copy_bandwidth(), "read_bytes_per_second": measure_read_bandwidth()}
     path = resolve_model_path(config.model_name_or_path, config.gguf_file)
-    tokenizer, model = load_tokenizer(path), load_causal_lm(path)
+    tokenizer, model = load_tokenizer(path), load_causal_lm(path, config.dtype).to(device)
     params = sum(p.numel() for p in model.parameters())
     result["params"] = params
     result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     items, _ = load_prompt_data(config.prompts or str(get_task(config.task).prompts), tokenizer,
                                 max_prompt_length=config.max_prompt_length)
-    batch = PromptCollator(tokenizer.pad_token_id)(items[: config.per_device_prompt_batch_size])
+    batch = {k: v.to(device) for k, v in
+             PromptCollator(tokenizer.pad_token_id)(items[: config.per_device_prompt_batch_size]).items()}
     rows = config.per_device_prompt_batch_size * config.num_generations
+    autocast = lambda: torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None)  # noqa: E731
 
     def generate(new_tokens: int) -> float:
         generation = sampling_config(max_new_tokens=new_tokens, num_return_sequences=config.num_generations,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         generation.min_new_tokens = new_tokens  # a fixed number of decoding steps
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
-                           generation_config=generation)
-        return time.perf_counter() - start
+        with torch.no_grad(), autocast():
+            return _timed(lambda: model.generate(input_ids=batch["prompt_input_ids"],
+                                                 attention_mask=batch["prompt_attention_mask"],
+                                                 generation_config=generation))
 
     generate(4)
     prefill = statistics.median(generate(1) for _ in range(3))
@@ -168,18 +193,47 @@ def measure_machine(settings: BenchSettings) -> dict[str, float]:
     result["decode_step_floor_seconds"] = result["param_bytes"] / result["copy_bytes_per_second"]
 
     model.train()
-    ids = torch.randint(0, model.config.vocab_size, (rows, 128))
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        times.append(time.perf_counter() - start)
+    ids = torch.randint(0, model.config.vocab_size, (rows, 128), device=device)
+
+    def forward_backward() -> None:
+        with autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         model.zero_grad(set_to_none=True)
-    fwd_bwd = _median_after_warmup(times, 1)
+
+    fwd_bwd = _median_after_warmup([_timed(forward_backward) for _ in range(4)], 1)
     result["forward_backward_seconds"] = fwd_bwd
     result["forward_backward_tokens"] = ids.numel()
     result["forward_backward_flops"] = 6 * params * ids.numel() / fwd_bwd
     return result
+
+
+def weights_changed(settings: BenchSettings, steps: int = 12) -> dict[str, float]:
+    """Fraction of weight elements that differ from the initial ones after `steps` DPO steps at the
+    workload's learning rate: with float32 weights under the default mixed precision, and with bfloat16
+    weights (what bf16 training without master weights keeps)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hypo.models import resolve_model_path
+    from hypo.trainer import train
+
+    config = settings.config
+    initial = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.model_name_or_path, config.gguf_file),
+                                                   dtype=torch.float32).state_dict()
+    out = {}
+    for name, dtype in (("float32_weights", "float32"), ("bfloat16_weights", "bfloat16")):
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = replace(config, method="dpo", dtype=dtype, max_steps=steps, eval_at_end=False, eval_steps=0,
+                          save_steps=0, output_dir=tmp)
+            model_dir = train(run).model_dir
+            after = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+        changed = sum((after[k] != initial[k].to(getattr(torch, dtype)).float()).sum().item() for k in after)
+        out[f"changed_fraction_{name}"] = changed / sum(v.numel() for v in after.values())
+    return out
 
 
 # --- our trainer ----------------------------------------------------------------------------------------
@@ -286,7 +340,8 @@ def run_trl_rloo(settings: BenchSettings) -> dict[str, Any]:
 
 def variants(settings: BenchSettings) -> list[str]:
     names = ["machine", "dpo", "hypo"] + [f"hypo-prompts{n}" for n in settings.fewer_prompts]
-    return names + (["trl-dpo", "trl-rloo"] if settings.trl else [])
+    return names + (["trl-dpo", "trl-rloo"] if settings.trl else []) + \
+        (["weights-changed"] if settings.weights_changed else [])
 
 
 def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
@@ -302,9 +357,15 @@ def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
         result = run_trl_dpo(settings)
     elif name == "trl-rloo":
         result = run_trl_rloo(settings)
+    elif name == "weights-changed":
+        result = weights_changed(settings)
     else:
         raise ValueError(f"unknown bench variant {name!r}")
     result["peak_rss_gb"] = _peak_rss_gb()
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return result
 
 
@@ -332,13 +393,18 @@ def hypo_floor_seconds(hypo: dict[str, Any], machine: dict[str, float]) -> float
     return compute + hypo["decode_steps"] * machine["decode_step_floor_seconds"]
 
 
+def _memory_key(result: dict[str, Any]) -> str:
+    """GPU memory where the run used a GPU, resident memory otherwise."""
+    return "peak_gpu_gb" if "peak_gpu_gb" in result else "peak_rss_gb"
+
+
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     machine, dpo, hypo = results["machine"], results["dpo"], results["hypo"]
     out = {
         "hypo_vs_floor": hypo["time/step"] / hypo_floor_seconds(hypo, machine),
         "decode_step_vs_floor": machine["decode_step_seconds"] / machine["decode_step_floor_seconds"],
         "forward_backward_vs_matmul": machine["forward_backward_flops"] / machine["matmul_flops"],
-        "hypo_vs_dpo_peak_memory": hypo["peak_rss_gb"] / dpo["peak_rss_gb"],
+        "hypo_vs_dpo_peak_memory": hypo[_memory_key(hypo)] / dpo[_memory_key(dpo)],
         "hypo_vs_dpo_step": hypo["time/step"] / dpo["time/step"],
     }
     for name, result in results.items():
@@ -352,10 +418,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _meets(name: str, value: float) -> str:
-    if name not in TARGETS:
+def _meets(name: str, value: float, device: str = "cpu") -> str:
+    if name not in TARGETS[device]:
         return ""
-    op, target = TARGETS[name]
+    op, target = TARGETS[device][name]
     ok = value <= target if op == "<=" else value >= target
     return f"{op} {target:g}: {'met' if ok else 'NOT met'}"
 
@@ -366,7 +432,8 @@ def markdown(results: dict[str, dict[str, Any]], computed: dict[str, float], set
         f"Workload: {config.per_device_train_batch_size} pairs + {config.per_device_prompt_batch_size} prompts x "
         f"{config.num_generations} samples of up to {config.max_completion_length} tokens per step; "
         f"median of {settings.measured_steps} steps after {settings.warmup_steps} warm-up steps; model "
-        f"{config.model_name_or_path} ({machine['params'] / 1e6:.1f}M params, {config.dtype}).",
+        f"{config.model_name_or_path} ({machine['params'] / 1e6:.1f}M params, {config.dtype} weights); device "
+        f"{machine.get('device', 'cpu')}, mixed precision {machine.get('mixed_precision', 'no')}.",
         "",
         f"Machine: matmul {machine['matmul_flops'] / 1e9:.0f} GFLOP/s, copy {machine['copy_bytes_per_second'] / 1e9:.1f}"
         f" GB/s (read+write traffic), sum-read {machine.get('read_bytes_per_second', float('nan')) / 1e9:.1f} GB/s;"
@@ -375,17 +442,24 @@ def markdown(results: dict[str, dict[str, Any]], computed: dict[str, float], set
         f"{machine['forward_backward_tokens']} tokens: {machine['forward_backward_seconds']:.2f} s = "
         f"{machine['forward_backward_flops'] / 1e9:.0f} GFLOP/s.",
         "",
-        "| variant | s/step | generation | reference | forward+backward | optimizer | peak RSS GB |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | s/step | generation | reference | forward+backward | optimizer | peak RSS GB | peak GPU GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        if name == "machine":
+        if name in ("machine", "weights-changed"):
             continue
-        parts = [f"{r[k]:.2f}" if k in r else "" for k in
-                 ("time/step", "time/generation", "time/reference", "time/forward_backward", "time/optimizer")]
-        lines.append(f"| {name} | " + " | ".join(parts) + f" | {r['peak_rss_gb']:.2f} |")
+        parts = [f"{r[k]:.3f}" if k in r else "" for k in
+                 ("time/step", "time/generation", "time/reference", "time/forward_backward", "time/optimizer",
+                  "peak_rss_gb", "peak_gpu_gb")]
+        lines.append(f"| {name} | " + " | ".join(parts) + " |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
-    lines += [f"| {name} | {value:.2f} | {_meets(name, value)} |" for name, value in computed.items()]
+    lines += [f"| {name} | {value:.2f} | {_meets(name, value, machine.get('device', 'cpu'))} |"
+              for name, value in computed.items()]
+    if "weights-changed" in results:
+        changed = results["weights-changed"]
+        lines += ["", f"Weight elements changed after 12 DPO steps at lr {config.learning_rate:g}: float32 weights "
+                  f"under {machine.get('mixed_precision', 'no')} autocast {changed['changed_fraction_float32_weights']:.3f}, "
+                  f"bfloat16 weights {changed['changed_fraction_bfloat16_weights']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -406,6 +480,41 @@ def bench(settings: BenchSettings, output: Path) -> dict[str, Any]:
     return report
 
 
+RANDOM_SHAPES = {
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+           "num_key_value_heads": 4},
+    "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3},
+}
+"""Llama shapes for speed measurements without downloading a model (TinyLlama-1.1B, SmolLM2-135M)."""
+
+
+def make_random_llama(shape: str) -> Path:
+    """A randomly initialized Llama of a named shape with the embedded model's tokenizer, saved to the hypo
+    cache (once per shape)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hypo.models import cache_dir, load_tokenizer, resolve_model_path
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"random_model must be one of {', '.join(RANDOM_SHAPES)}, got {shape!r}")
+    out = cache_dir() / "models" / f"random-llama-{shape}"
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = load_tokenizer(resolve_model_path(None))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048,
+                                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                         **RANDOM_SHAPES[shape]))
+    partial = out.with_name(out.name + f".partial{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(out)
+    return out
+
+
 @dataclass
 class BenchOptions:
     """`hypo bench`'s own options (the workload takes every `hypo train` option)."""
@@ -417,6 +526,12 @@ class BenchOptions:
         "help": "One warm-up and one measured step, completions of 8 tokens (checks the wiring, e.g. on a tiny "
                 "--model_name_or_path; the numbers mean nothing)."})
     output: str = field(default="bench/bench_results.json", metadata={"help": "JSON results (a .md table beside it)."})
+    weights_changed: bool = field(default=False, metadata={
+        "help": "Also train 12 DPO steps with float32 weights (default mixed precision) and with bfloat16 weights, "
+                "and report the fraction of weight elements that changed."})
+    random_model: str | None = field(default=None, metadata={
+        "help": "Time a randomly initialized Llama of this shape instead of --model_name_or_path: 1b (TinyLlama-1.1B "
+                "shape) or 135m (SmolLM2-135M shape), with the embedded tokenizer. Offline; speed only."})
 
 
 def bench_parser():
@@ -428,8 +543,11 @@ def bench_parser():
 
 def run_bench(argv: list[str]) -> int:
     options, config = bench_parser().parse_args_into_dataclasses(argv)
+    if options.random_model:
+        config = replace(config, model_name_or_path=str(make_random_llama(options.random_model)))
     settings = BenchSettings(config=replace(config, eval_at_end=False), warmup_steps=options.warmup_steps,
-                             measured_steps=options.measured_steps, trl=options.trl)
+                             measured_steps=options.measured_steps, trl=options.trl,
+                             weights_changed=options.weights_changed)
     if options.quick:
         settings.warmup_steps, settings.measured_steps, settings.fewer_prompts = 1, 1, (1,)
         settings.config = replace(settings.config, max_completion_length=8)

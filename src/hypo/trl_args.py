@@ -11,10 +11,17 @@ from typing import Any
 from hypo.config import HyPOConfig
 
 
-def trl_training_args(config: HyPOConfig, *, max_steps: int | None = None, cpu: bool = True) -> dict[str, Any]:
-    """TrainingArguments fields shared by every TRL trainer. On CPU: fp32, no activation checkpointing
-    (TRL defaults to bf16 and checkpointing, both slower there), no trackers, no checkpoints."""
+def trl_training_args(config: HyPOConfig, *, max_steps: int | None = None) -> dict[str, Any]:
+    """TrainingArguments fields shared by every TRL trainer: hypo's optimizer, schedule, clipping, seed and
+    compute precision (on a GPU, Trainer's bf16/fp16 autocast as `mixed_precision` resolves; on a CPU fp32,
+    where TRL's default bf16 is slower), activation checkpointing only when asked, no trackers, no
+    checkpoints."""
+    import torch
+
+    from hypo.trainer import resolve_mixed_precision
+
     steps = config.max_steps if max_steps is None else max_steps
+    precision = resolve_mixed_precision(config.mixed_precision)
     args = {
         "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
         "warmup_steps": round(config.warmup_ratio * steps), "weight_decay": config.weight_decay,
@@ -23,8 +30,9 @@ def trl_training_args(config: HyPOConfig, *, max_steps: int | None = None, cpu: 
         "save_strategy": "no", "activation_checkpointing": config.gradient_checkpointing,
         "dataloader_num_workers": 0,
     }
-    if cpu:
-        args.update(bf16=False, use_cpu=True)
+    args.update(bf16=precision == "bf16", fp16=precision == "fp16")
+    if not torch.cuda.is_available():
+        args.update(use_cpu=True)
     return args
 
 
