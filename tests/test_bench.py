@@ -72,9 +72,10 @@ def test_targets_follow_the_device():
 def test_weights_changed_measures_what_bf16_weights_lose(tiny_model_dir, tiny_task):
     import warnings
 
+    from test_train import FAST
+
     from hypo.bench import weights_changed
     from hypo.config import HyPOConfig
-    from test_train import FAST
 
     config = HyPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(tiny_task["pairs"]), judge=None,
                         mixed_precision="bf16", **{**FAST, "learning_rate": 1e-5})
