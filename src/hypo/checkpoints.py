@@ -38,26 +38,36 @@ class TrainerState:
         self.ref_cache = state["ref_cache"]
 
 
-def save_pretrained(model, tokenizer, directory: Path) -> Path:
+def save_pretrained(model, tokenizer, directory: Path, state_dict: dict | None = None) -> Path:
     """Hugging Face format (loadable with from_pretrained); LoRA adapters are saved merged, and as an
-    adapter folder beside it."""
+    adapter folder beside it. `state_dict`: the full weights when the model itself is sharded."""
     directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):  # a peft model
+    if hasattr(model, "merge_and_unload") and state_dict is not None:  # a sharded peft model: no full copy to merge
+        model.save_pretrained(directory / "adapter", state_dict=state_dict)
+        logger.warning("%s: LoRA under sharding: only the adapter is written (merge it with peft's "
+                       "PeftModel.from_pretrained(base, adapter).merge_and_unload())", directory)
+    elif hasattr(model, "merge_and_unload"):  # a peft model
         import copy
 
         model.save_pretrained(directory / "adapter")
         copy.deepcopy(model).merge_and_unload().save_pretrained(directory, safe_serialization=True)
     else:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     return directory
 
 
 def save_model(accelerator, policy, tokenizer, directory: Path) -> None:
-    """Every process waits; the main process writes the unwrapped policy and the tokenizer."""
+    """The main process writes the policy and the tokenizer; every process joins (under FSDP2 / ZeRO-3
+    the full weights are gathered from all of them first)."""
+    from hypo.distributed import full_state_dict, is_sharded
+
+    model = accelerator.unwrap_model(policy)
+    state_dict = full_state_dict(accelerator, policy) if is_sharded(model) else None  # collective
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pretrained(accelerator.unwrap_model(policy), tokenizer, directory)
+        save_pretrained(model, tokenizer, directory, state_dict)
+    accelerator.wait_for_everyone()
 
 
 def skip_model_weights(accelerator) -> None:

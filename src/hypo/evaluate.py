@@ -255,22 +255,25 @@ def format_summary(metrics: dict[str, float], settings: dict[str, Any] | None = 
 
 def evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step: int, *,
                              final: bool = False, output_dir: Path | None = None) -> dict[str, Any] | None:
-    """The held-out evaluation of a training run (`data`: a `hypo.data.TrainingData`), on the main
-    process, logged as `eval_*` keys at `step`. Every `eval_steps` it uses the first
-    `eval_max_prompts_during_training` prompts and the other processes wait; the `final` one uses
-    `eval_max_prompts` and also writes eval_results.json, eval_samples.jsonl and eval_report.md.
-    Returns the results on the main process (None elsewhere)."""
+    """The held-out evaluation of a training run (`data`: a `hypo.data.TrainingData`), logged as `eval_*`
+    keys at `step`. Every process joins (under FSDP2 / ZeRO-3 the policy's full weights are gathered
+    first); the main process evaluates while the others wait. Every `eval_steps` it uses the first
+    `eval_max_prompts_during_training` prompts; the `final` one uses `eval_max_prompts` and also writes
+    eval_results.json, eval_samples.jsonl and eval_report.md. Returns the results on the main process
+    (None elsewhere)."""
+    from hypo.distributed import gathered_for_generation
+
     results = None
-    if accelerator.is_main_process:
-        limit = config.eval_max_prompts if final else \
-            (config.eval_max_prompts_during_training or config.eval_max_prompts)
-        prompts = data.eval_prompts[:limit] if limit else data.eval_prompts
-        results = evaluate_policy(accelerator.unwrap_model(policy), reference, tokenizer, prompts, judge=data.judge,
-                                  num_samples=config.eval_num_samples, max_new_tokens=config.max_completion_length,
-                                  batch_size=config.eval_batch_size, seed=config.seed)
-        if final:
-            write_eval_results(results, output_dir)
-        run_logger.log({f"eval_{k}": v for k, v in results["metrics"].items()}, step)
-    if not final:
+    with gathered_for_generation(accelerator.unwrap_model(policy)) as model:
+        if accelerator.is_main_process:
+            limit = config.eval_max_prompts if final else \
+                (config.eval_max_prompts_during_training or config.eval_max_prompts)
+            prompts = data.eval_prompts[:limit] if limit else data.eval_prompts
+            results = evaluate_policy(model, reference, tokenizer, prompts, judge=data.judge,
+                                      num_samples=config.eval_num_samples, max_new_tokens=config.max_completion_length,
+                                      batch_size=config.eval_batch_size, seed=config.seed)
+            if final:
+                write_eval_results(results, output_dir)
+            run_logger.log({f"eval_{k}": v for k, v in results["metrics"].items()}, step)
         accelerator.wait_for_everyone()
     return results

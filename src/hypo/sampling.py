@@ -75,6 +75,7 @@ def generate_completions(
                 max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, top_p=top_p,
             ),
+            synced_gpus=False,  # local: sharded weights are gathered first (hypo.distributed)
         )  # (G * k, P + C)
     finally:
         model.train(was_training)

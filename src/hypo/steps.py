@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hypo.config import HyPOConfig
+from hypo.distributed import gathered_for_generation
 from hypo.logprobs import completion_logps, shared_prompt_logps
 from hypo.losses import dpo_loss, kl_estimates, kl_surrogate
 from hypo.models import Reference
@@ -128,9 +129,9 @@ def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
     """Online term: sample k completions per prompt from the current policy and build the REINFORCE
     surrogate of KL(pi || pi_ref) with a leave-one-out baseline (arXiv 2406.01462, Algorithm 1)."""
     k = ctx.config.num_generations
-    with ctx.timer("generation"):
+    with ctx.timer("generation"), gathered_for_generation(ctx.sampler) as sampler:  # sharded: full weights once
         samples = generate_completions(
-            ctx.sampler, prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
+            sampler, prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
             num_generations=k, max_new_tokens=ctx.config.max_completion_length,
             eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
         )

@@ -230,7 +230,7 @@ def train(config: HyPOConfig) -> RunResult:
     stop.restore()
     seconds = time.perf_counter() - start
 
-    _check_finite_weights(accelerator.unwrap_model(policy), total_steps, output_dir)
+    _check_finite_weights(accelerator, accelerator.unwrap_model(policy), total_steps, output_dir)
     model_dir = output_dir / "model"
     save_model(accelerator, policy, tokenizer, model_dir)
     result = RunResult(output_dir, model_dir, total_steps, seconds, final_metrics,
@@ -327,11 +327,12 @@ def _last_checkpoint(output_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def _check_finite_weights(model, step: int, output_dir: Path) -> None:
-    """Never save a non-finite model as final."""
-    for name, parameter in model.named_parameters():
-        if not torch.isfinite(parameter).all():
-            raise NonFiniteError(step, f"weight {name}", _last_checkpoint(output_dir))
+def _check_finite_weights(accelerator, model, step: int, output_dir: Path) -> None:
+    """Never save a non-finite model as final (each process checks its shard; all agree)."""
+    from hypo.distributed import all_finite
+
+    if not all_finite(accelerator, model.parameters()):
+        raise NonFiniteError(step, "a weight", _last_checkpoint(output_dir))
 
 
 def _step_metrics(accelerator, sums, grad_norm, scheduler, tokens, phase_seconds: dict[str, float],
