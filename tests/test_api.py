@@ -22,3 +22,11 @@ def test_train_runs_twice(tiny_model_dir, tiny_task, tmp_path):
     first = hypo.train(HyPOConfig(output_dir=str(tmp_path / "one"), **common))
     second = hypo.train(HyPOConfig(output_dir=str(tmp_path / "two"), **common))
     assert first.steps == second.steps == 1 and (second.model_dir / "config.json").is_file()
+
+
+def test_runs_with_other_precisions_follow_each_other_in_one_process(tiny_model_dir, tiny_task, tmp_path):
+    common = {"model_name_or_path": str(tiny_model_dir), "dataset": str(tiny_task["pairs"]), "method": "dpo",
+              "max_steps": 1, "eval_at_end": False, **FAST}
+    for name, precision in (("fp32", "no"), ("bf16", "bf16"), ("again", "no")):
+        result = hypo.train(HyPOConfig(output_dir=str(tmp_path / name), mixed_precision=precision, **common))
+        assert result.steps == 1

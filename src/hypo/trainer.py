@@ -83,6 +83,16 @@ def shares_prompt_forward(config: HyPOConfig, device: torch.device) -> bool:
     return wanted and not config.gradient_checkpointing
 
 
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another precision; a
+    new run in the same Python process (two `hypo.train` calls) replaces it. The distributed set-up is kept."""
+    from accelerate.state import AcceleratorState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def runs_one_backward(accelerator, online: bool) -> bool:
     """DeepSpeed counts backward calls as micro-steps: there HyPO runs one backward of the summed loss
     instead of one per term."""
@@ -126,8 +136,10 @@ def train(config: HyPOConfig) -> RunResult:
     output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
     check_run_inputs(config)  # every data row, the judge, the model paths
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)
+    _forget_other_precision(mixed_precision)
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(output_dir), cpu=_multi_process_cpu(),
-                              mixed_precision=resolve_mixed_precision(config.mixed_precision))
+                              mixed_precision=mixed_precision)
     seed_everything(config.seed)
     if accelerator.is_main_process and checkpoint is None:
         move_aside(output_dir)  # only with overwrite_output_dir: run_folder refused otherwise
