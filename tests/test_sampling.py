@@ -159,7 +159,7 @@ def _model_with_distorting_defaults(tokenizer, device):
         top_k=5, top_p=0.5, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.01, eta_cutoff=0.01, temperature=0.5,
         repetition_penalty=3.0, no_repeat_ngram_size=1, min_length=40, min_new_tokens=3, bad_words_ids=[[7]],
         suppress_tokens=[8], begin_suppress_tokens=[9], sequence_bias={(10,): 5.0}, forced_eos_token_id=11,
-        exponential_decay_length_penalty=(1, 2.0), renormalize_logits=True,
+        exponential_decay_length_penalty=(1, 2.0), renormalize_logits=True, max_time=1e-9,
         cache_implementation="static" if device == "cpu" else "dynamic",
     ).items():
         setattr(config, name, value)
