@@ -13,15 +13,16 @@ from hypo.config import HyPOConfig, read_config_file, save_config
 def test_defaults_are_valid_and_name_the_paper_lambda():
     config = HyPOConfig()
     assert config.method == "hypo" and config.kl_coef > 0 and config.beta == 0.1
-    assert config.temperature == 1.0 and config.top_p == 1.0
+    assert config.eval_temperature == 1.0 and config.eval_top_p == 1.0 and config.cache_implementation == "auto"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"beta": 0}, "beta must be > 0"),
     ({"kl_coef": -1}, "kl_coef must be >= 0"),
     ({"method": "ppo"}, "method must be"),
-    ({"temperature": 0.7}, "temperature and top_p must be 1"),
-    ({"top_p": 0.9}, "temperature and top_p must be 1"),
+    ({"eval_temperature": 0}, "eval_temperature must be > 0 and eval_top_p in (0, 1]"),
+    ({"eval_top_p": 1.5}, "eval_temperature must be > 0 and eval_top_p in (0, 1]"),
+    ({"cache_implementation": "paged"}, "cache_implementation must be 'auto', 'dynamic' or 'static'"),
     ({"max_prompt_length": 300, "max_length": 256}, "max_prompt_length (300) must be < max_length (256)"),
     ({"num_generations": 0}, "num_generations must be >= 1"),
     ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing applies to the sigmoid loss only"),
@@ -33,8 +34,11 @@ def test_invalid_values_are_reported(overrides, message):
     assert message in str(info.value)
 
 
-def test_tempered_sampling_is_allowed_for_dpo():
-    assert HyPOConfig(method="dpo", temperature=0.7).temperature == 0.7
+def test_tempered_evaluation_sampling_is_allowed_for_hypo():
+    """Only the judged evaluation completions are tempered; the online KL samples have no such option."""
+    config = HyPOConfig(method="hypo", eval_temperature=0.7, eval_top_p=0.9)
+    assert (config.eval_temperature, config.eval_top_p) == (0.7, 0.9)
+    assert not hasattr(config, "temperature") and not hasattr(config, "top_p")
 
 
 def test_one_generation_warns_about_missing_baseline():

@@ -1,10 +1,25 @@
-"""Statistics of the evaluation: standard errors across prompts, win-rate intervals, ties as half."""
+"""Statistics of the evaluation: standard errors across prompts, win-rate intervals, ties as half; the
+model's stop tokens; tempered judged samples with the KL still estimated on temperature-1 samples."""
 
 import math
 
 import pytest
+import torch
 
-from hypo.evaluate import mean_and_se, prompt_text, summarize, win_rate_interval
+from conftest import build_model
+from hypo.data import tokenize_prompt_rows
+from hypo.evaluate import (
+    KL_ON_JUDGED_SAMPLES,
+    KL_ON_SEPARATE_SAMPLES,
+    completion_texts,
+    evaluate_policy,
+    format_summary,
+    mean_and_se,
+    prompt_text,
+    summarize,
+    win_rate_interval,
+)
+from hypo.models import Reference
 
 
 def test_mean_and_se_values():
@@ -45,3 +60,88 @@ def test_prompt_text_takes_last_user_message():
                 {"role": "assistant", "content": "a"}, {"role": "user", "content": "second"}]
     assert prompt_text(messages) == "second"
     assert prompt_text("plain") == "plain"
+
+
+def _items(tokenizer, n=4):
+    rows = [{"prompt": [{"role": "user", "content": f"Write a short review of the cafe number {i}."}]}
+            for i in range(n)]
+    return tokenize_prompt_rows(rows, tokenizer)[0]
+
+
+def test_evaluation_stops_at_the_models_own_stop_token(tiny_tokenizer):
+    """The policy can end only with `other` (the tokenizer's EOS has logit -inf), listed in its
+    generation_config.eos_token_id like Llama 3's <|eot_id|>: completions stop there (EOS rate > 0, lengths
+    below the limit) and the judged text leaves it out. Stopping at the tokenizer's EOS alone would give EOS
+    rate 0 and every completion 8 tokens long."""
+    eos, other, vocab = tiny_tokenizer.eos_token_id, 100, len(tiny_tokenizer)
+    policy = build_model(tiny_tokenizer, tie_word_embeddings=False)
+    policy.generation_config.eos_token_id = other
+    policy.lm_head.weight.data.zero_()
+    policy.lm_head.bias = torch.nn.Parameter(torch.zeros(vocab))
+    policy.lm_head.bias.data[other] = math.log((vocab - 2) / 3.0)  # 1/4 of the mass
+    policy.lm_head.bias.data[eos] = -math.inf
+    results = evaluate_policy(policy, Reference(build_model(tiny_tokenizer, seed=1)), tiny_tokenizer,
+                              _items(tiny_tokenizer), judge=None, num_samples=4, max_new_tokens=8, batch_size=2,
+                              seed=0)
+    rows, metrics = results["samples"], results["metrics"]
+    assert results["settings"]["stop_token_ids"] == [other, eos]
+    assert metrics["completions/eos_rate"] > 0.5 and metrics["completions/mean_length"] < 7
+    assert all(row["policy_eos"] or row["policy_length"] == 8 for row in rows)
+
+
+def test_completion_texts_leave_out_the_stop_token(tiny_tokenizer):
+    """The stop token need not be special (skip_special_tokens would not drop it): it is cut before decoding."""
+    from hypo.sampling import Completions
+
+    pad, other = tiny_tokenizer.pad_token_id, 100
+    ids = torch.tensor([[50, 60, other, pad], [50, 60, 70, 80]])
+    completions = Completions(prompt_input_ids=ids[:, :1], prompt_attention_mask=torch.ones(2, 1),
+                              completion_ids=ids, completion_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+                              clipped=torch.tensor([False, True]))
+    assert completion_texts(tiny_tokenizer, completions) == [tiny_tokenizer.decode([50, 60]),
+                                                             tiny_tokenizer.decode([50, 60, 70, 80])]
+    assert tiny_tokenizer.decode([50, 60, other]) != tiny_tokenizer.decode([50, 60])
+
+
+def _peaked(tokenizer, seed):
+    model = build_model(tokenizer, seed=seed, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)  # distinct samples at temperature 1, one greedy path at 0.01
+    return model
+
+
+def test_eval_temperature_changes_the_judged_samples_not_the_kl_estimate(tiny_tokenizer):
+    """Same seed, temperature 1 vs (0.01, top_p 0.5): every k1 and k3 value is identical (the KL is estimated on
+    temperature-1 samples drawn first with the same seed, which are the judged samples at temperature 1),
+    while the judged samples, policy and reference, become the greedy path: identical within each prompt."""
+    policy, reference = _peaked(tiny_tokenizer, 2), Reference(_peaked(tiny_tokenizer, 3))
+    kwargs = dict(judge=None, num_samples=3, max_new_tokens=6, batch_size=2, seed=5)
+    items = _items(tiny_tokenizer)
+    plain = evaluate_policy(policy, reference, tiny_tokenizer, items, **kwargs)
+    cold = evaluate_policy(policy, reference, tiny_tokenizer, items, temperature=0.01, top_p=0.5, **kwargs)
+
+    assert [r["k1"] for r in cold["samples"]] == [r["k1"] for r in plain["samples"]]
+    assert [r["k3"] for r in cold["samples"]] == [r["k3"] for r in plain["samples"]]
+    assert cold["metrics"]["objective/kl"] == plain["metrics"]["objective/kl"] != 0
+    assert [r["kl_sample_text"] for r in cold["samples"]] == [r["policy_text"] for r in plain["samples"]]
+    assert plain["settings"]["kl_samples"] == KL_ON_JUDGED_SAMPLES and "kl_sample_text" not in plain["samples"][0]
+    assert cold["settings"]["kl_samples"] == KL_ON_SEPARATE_SAMPLES
+    assert (cold["settings"]["temperature"], cold["settings"]["top_p"]) == (0.01, 0.5)
+    assert any("separate temperature-1 samples" in line for line in format_summary(cold["metrics"], cold["settings"]))
+
+    def distinct_per_prompt(results, key):
+        groups = {}
+        for row in results["samples"]:
+            groups.setdefault(row["prompt_index"], set()).add(row[key])
+        return [len(texts) for texts in groups.values()]
+
+    assert distinct_per_prompt(cold, "policy_text") == [1, 1, 1, 1]
+    assert distinct_per_prompt(cold, "reference_text") == [1, 1, 1, 1]
+    assert max(distinct_per_prompt(plain, "policy_text")) > 1 and max(distinct_per_prompt(plain, "reference_text")) > 1
+
+
+def test_eval_temperature_must_be_positive(tiny_tokenizer):
+    model = build_model(tiny_tokenizer)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        evaluate_policy(model, Reference(build_model(tiny_tokenizer)), tiny_tokenizer, _items(tiny_tokenizer, 1),
+                        judge=None, num_samples=1, max_new_tokens=2, batch_size=1, seed=0, temperature=0.0)

@@ -153,7 +153,7 @@ def measure_machine(settings: BenchSettings) -> dict[str, float]:
 
     from hypo.data import PromptCollator, load_prompt_data
     from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
-    from hypo.sampling import sampling_config
+    from hypo.sampling import resolve_cache_implementation, sampling_kwargs
     from hypo.tasks import get_task
     from hypo.trainer import resolve_mixed_precision
 
@@ -176,20 +176,23 @@ def measure_machine(settings: BenchSettings) -> dict[str, float]:
     rows = config.per_device_prompt_batch_size * config.num_generations
     autocast = lambda: torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None)  # noqa: E731
 
+    cache = resolve_cache_implementation(config.cache_implementation, device)
+
     def generate(new_tokens: int) -> float:
-        generation = sampling_config(max_new_tokens=new_tokens, num_return_sequences=config.num_generations,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        generation.min_new_tokens = new_tokens  # a fixed number of decoding steps
+        kwargs = sampling_kwargs(max_new_tokens=new_tokens, num_return_sequences=config.num_generations,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 cache_implementation=cache)
+        kwargs["min_new_tokens"] = new_tokens  # a fixed number of decoding steps
         with torch.no_grad(), autocast():
             return _timed(lambda: model.generate(input_ids=batch["prompt_input_ids"],
-                                                 attention_mask=batch["prompt_attention_mask"],
-                                                 generation_config=generation))
+                                                 attention_mask=batch["prompt_attention_mask"], **kwargs))
 
     generate(4)
     prefill = statistics.median(generate(1) for _ in range(3))
     full = statistics.median(generate(config.max_completion_length) for _ in range(2))
     result["decode_step_seconds"] = (full - prefill) / (config.max_completion_length - 1)
     result["decode_batch"] = rows
+    result["decode_cache"] = cache
     result["decode_step_floor_seconds"] = result["param_bytes"] / result["copy_bytes_per_second"]
 
     model.train()

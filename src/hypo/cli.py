@@ -137,6 +137,13 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_prompt_length", type=int, default=_default("max_prompt_length"),
                    help="Prompts keep their last N tokens.")
     p.add_argument("--batch_size", type=int, default=_default("eval_batch_size"), help="Prompts per generation batch.")
+    p.add_argument("--temperature", type=float, default=_default("eval_temperature"),
+                   help="Sampling temperature of the judged completions; the reverse KL is always estimated on "
+                        "temperature-1 samples of the policy itself.")
+    p.add_argument("--top_p", type=float, default=_default("eval_top_p"), help="Nucleus sampling of the judged "
+                   "completions (1: off).")
+    p.add_argument("--cache_implementation", choices=["auto", "dynamic", "static"],
+                   default=_default("cache_implementation"), help="KV cache of generation (auto: static on GPUs).")
     p.add_argument("--seed", type=int, default=_default("seed"),
                    help="Seed of every sample (the same seed gives the same results).")
     p.add_argument("--output_dir", default=None, help="Where to write eval_results.json, eval_samples.jsonl and "
@@ -202,7 +209,9 @@ def run_eval(argv: list[str]) -> int:
     try:
         results = evaluate_policy(policy, reference, tokenizer, prompts, judge=judge, num_samples=args.num_samples,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                  baseline=baseline, baseline_texts=baseline_texts, baseline_name=baseline_name)
+                                  baseline=baseline, baseline_texts=baseline_texts, baseline_name=baseline_name,
+                                  temperature=args.temperature, top_p=args.top_p,
+                                  cache_implementation=args.cache_implementation)
     except JudgeEndpointError as error:
         print(f"hypo eval: error: {error}", file=sys.stderr)
         return 2

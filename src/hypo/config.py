@@ -44,8 +44,16 @@ class HyPOConfig:
     per_device_prompt_batch_size: int = _help("Unlabeled prompts per micro-step for the online KL term.", 4)
     max_completion_length: int = _help(
         "Longest completion in tokens: offline completions are truncated to it, samples stop at it.", 64)
-    temperature: float = _help("Sampling temperature of the online samples; must be 1 (samples must come from pi).", 1.0)
-    top_p: float = _help("Nucleus sampling of the online samples; must be 1 for the same reason.", 1.0)
+    cache_implementation: Literal["auto", "dynamic", "static"] = _help(
+        "Decoding cache of the online and evaluation samples (as in TRL's GRPOConfig): dynamic grows it step by "
+        "step; static preallocates it, and on CUDA transformers then compiles the decoding step; auto: static on "
+        "CUDA, dynamic elsewhere. It changes speed, not the sampled distribution.", "auto")
+    eval_temperature: float = _help(
+        "Sampling temperature of the judged completions in evaluations (policy and baseline). Never used for "
+        "the online KL samples, which come from the policy itself at temperature 1; when it is not 1, the "
+        "evaluation estimates the KL on separate temperature-1 samples.", 1.0)
+    eval_top_p: float = _help(
+        "Nucleus sampling of the judged completions in evaluations; the KL samples are never truncated.", 1.0)
 
     # --- model ------------------------------------------------------------------------------------------
     model_name_or_path: str = _help(
@@ -223,9 +231,10 @@ def _problems(c: HyPOConfig):
                "rounded away and gradients overflow silently; use mixed_precision=fp16 (float32 weights, scaled loss)")
     if c.max_prompt_length >= c.max_length:
         yield f"max_prompt_length ({c.max_prompt_length}) must be < max_length ({c.max_length})"
-    if c.method == "hypo" and (c.temperature != 1.0 or c.top_p != 1.0):
-        yield ("temperature and top_p must be 1 for method hypo: the KL term needs samples from the policy "
-               "itself, and a tempered or truncated sampler draws from a different distribution")
+    if c.eval_temperature <= 0 or not 0 < c.eval_top_p <= 1:
+        yield f"eval_temperature must be > 0 and eval_top_p in (0, 1], got {c.eval_temperature} and {c.eval_top_p}"
+    if c.cache_implementation not in ("auto", "dynamic", "static"):
+        yield f"cache_implementation must be 'auto', 'dynamic' or 'static', got {c.cache_implementation!r}"
     if c.max_steps == 0 or c.max_steps < -1:
         yield f"max_steps must be >= 1, or -1 to use num_train_epochs, got {c.max_steps}"
     if c.max_steps == -1 and c.num_train_epochs <= 0:
@@ -238,8 +247,6 @@ def _problems(c: HyPOConfig):
         yield f"max_grad_norm must be >= 0 (0 disables clipping), got {c.max_grad_norm}"
     if c.weight_decay < 0:
         yield f"weight_decay must be >= 0, got {c.weight_decay}"
-    if c.temperature <= 0 or not 0 < c.top_p <= 1:
-        yield f"temperature must be > 0 and top_p in (0, 1], got {c.temperature} and {c.top_p}"
     if c.lora_r < 1 or c.lora_alpha < 1 or not 0 <= c.lora_dropout < 1:
         yield (f"lora_r and lora_alpha must be >= 1 and lora_dropout in [0, 1), got {c.lora_r}, {c.lora_alpha} "
                f"and {c.lora_dropout}")

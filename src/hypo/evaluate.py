@@ -3,6 +3,10 @@
 Protocol (DESIGN section 3): for each held-out prompt, sample `num_samples` completions from the policy
 and from the reference at temperature 1. The reverse KL is estimated on the policy samples
 (k1 = log pi - log pi_ref, and k3), the judge compares policy sample j with reference sample j.
+With another `temperature` or `top_p`, the judged completions (policy and baseline) use them, and the KL
+is estimated on separate temperature-1 policy samples: k1 and k3 estimate KL(pi || pi_ref) only on draws
+from pi itself. Those are drawn first with the same seed, so the KL does not depend on the temperature.
+Completions stop at any of the model's stop tokens (`hypo.sampling.stop_token_ids`).
 The baseline of the comparison may instead be another model's samples, or fixed responses from a
 dataset (one per prompt, compared with each policy sample); the KL is always to the reference.
 Judges: gold judges and reward models score each completion (`judge/*_score` with standard errors,
@@ -22,9 +26,11 @@ import torch
 
 from hypo.logprobs import completion_logps
 from hypo.losses import kl_estimates
-from hypo.sampling import generate_completions
+from hypo.sampling import generate_completions, resolve_cache_implementation, stop_token_ids
 
 Z_95 = 1.959964
+KL_ON_JUDGED_SAMPLES = "the judged policy samples (temperature 1, no truncation)"
+KL_ON_SEPARATE_SAMPLES = "separate policy samples at temperature 1, no truncation (not the judged ones)"
 
 
 def mean_and_sd(values: list[float]) -> tuple[float, float]:
@@ -68,18 +74,29 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 @torch.no_grad()
 def _score_batch(policy, reference, tokenizer, batch, *, num_samples, max_new_tokens, seed, baseline=None,
-                 sample_baseline: bool = True) -> dict[str, Any]:
-    """Sample the policy, score its samples under policy and reference, and (if `sample_baseline`) sample
-    the baseline: the `baseline` model, or the reference when it is None.
+                 sample_baseline: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+                 cache_implementation: str = "auto") -> dict[str, Any]:
+    """Sample the policy, score its temperature-1 samples under policy and reference, and (if
+    `sample_baseline`) sample the baseline: the `baseline` model, or the reference when it is None.
+
+    The judged completions use `temperature` and `top_p`; when these are not 1, the KL samples are drawn
+    first (same seed as at temperature 1) and the judged policy samples continue the same random stream.
 
     Shape: batch of G prompts -> lists of G * num_samples values (rows [g * k, (g + 1) * k) share prompt g)
     """
-    sample_kwargs = {"num_generations": num_samples, "max_new_tokens": max_new_tokens,
-                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    common = {"num_generations": num_samples, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+              "cache_implementation": cache_implementation}
+    decoding = {"temperature": temperature, "top_p": top_p}
+    separate_kl_samples = temperature != 1.0 or top_p != 1.0
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    policy_stops = stop_token_ids(policy, tokenizer)
     torch.manual_seed(seed)
-    samples = generate_completions(policy, prompt_ids, prompt_mask, **sample_kwargs)
-    args = (samples.prompt_input_ids, samples.prompt_attention_mask, samples.completion_ids, samples.completion_mask)
+    kl_samples = generate_completions(policy, prompt_ids, prompt_mask, eos_token_id=policy_stops, **common)  # T = 1
+    samples = kl_samples
+    if separate_kl_samples:
+        samples = generate_completions(policy, prompt_ids, prompt_mask, eos_token_id=policy_stops, **common, **decoding)
+    args = (kl_samples.prompt_input_ids, kl_samples.prompt_attention_mask, kl_samples.completion_ids,
+            kl_samples.completion_mask)
     policy_logps = completion_logps(policy, *args)  # (G * k,)
     other = None
     with reference.active() as ref_model:
@@ -87,17 +104,31 @@ def _score_batch(policy, reference, tokenizer, batch, *, num_samples, max_new_to
         torch.manual_seed(seed + 1)
         if sample_baseline:
             model = ref_model if baseline is None else baseline
-            other = generate_completions(model, prompt_ids, prompt_mask, **sample_kwargs)
+            other = generate_completions(model, prompt_ids, prompt_mask, eos_token_id=stop_token_ids(model, tokenizer),
+                                         **common, **decoding)
     estimates = kl_estimates(policy_logps, ref_logps)
     scored = {
-        "policy_text": tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True),
+        "policy_text": completion_texts(tokenizer, samples),
         "k1": estimates["k1"].tolist(), "k3": estimates["k3"].tolist(),
         "policy_length": samples.lengths.tolist(), "policy_eos": (~samples.clipped).tolist(),
     }
+    if separate_kl_samples:
+        scored["kl_sample_text"] = completion_texts(tokenizer, kl_samples)
+        scored["kl_sample_length"] = kl_samples.lengths.tolist()
     if other is not None:
-        scored["reference_text"] = tokenizer.batch_decode(other.completion_ids, skip_special_tokens=True)
+        scored["reference_text"] = completion_texts(tokenizer, other)
         scored["reference_length"] = other.lengths.tolist()
     return scored
+
+
+def completion_texts(tokenizer, completions) -> list[str]:
+    """Decoded completions without their stop token (which need not be a special token) or padding."""
+    keep = completions.completion_mask.clone()  # (N, C)
+    stopped = ~completions.clipped  # (N,)
+    rows = stopped.nonzero().squeeze(-1)
+    keep[rows, completions.lengths[rows] - 1] = 0
+    return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            for ids, mask in zip(completions.completion_ids, keep, strict=True)]
 
 
 def _baseline_columns(tokenizer, texts: list[str], num_samples: int) -> dict[str, list]:
@@ -137,19 +168,25 @@ def judge_rows(judge, rows: list[dict[str, Any]]) -> None:
 
 def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge, num_samples: int,
                     max_new_tokens: int, batch_size: int, seed: int, baseline=None,
-                    baseline_texts: list[str] | None = None, baseline_name: str = "reference") -> dict[str, Any]:
+                    baseline_texts: list[str] | None = None, baseline_name: str = "reference",
+                    temperature: float = 1.0, top_p: float = 1.0,
+                    cache_implementation: str = "auto") -> dict[str, Any]:
     """Evaluate `policy` against `reference` (a `hypo.models.Reference`) on tokenized prompt items.
 
-    The reverse KL is always to the reference. The judge (a registered name, `rm:<path>`, or a judge
-    object) compares each policy sample with a baseline: a sample of the reference (default), of the
-    `baseline` model, or the fixed response `baseline_texts[i]` of prompt i. The global RNG state is
-    restored afterwards, so evaluating during training does not change the training run.
+    The reverse KL is always to the reference, estimated on temperature-1 policy samples. The judge (a
+    registered name, `rm:<path>`, or a judge object) compares each policy sample with a baseline: a sample of
+    the reference (default), of the `baseline` model, or the fixed response `baseline_texts[i]` of prompt i.
+    Judged samples, policy and baseline, use `temperature` and `top_p`; when these are not 1 the KL is
+    estimated on separate temperature-1 samples (settings: `kl_samples`). The global RNG state is restored
+    afterwards, so evaluating during training does not change the training run.
     """
     from hypo.data import PromptCollator
     from hypo.judges import get_judge
 
     if baseline_texts is not None and len(baseline_texts) != len(prompts):
         raise ValueError(f"{len(baseline_texts)} baseline responses for {len(prompts)} prompts")
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}")
     judge_impl = get_judge(judge) if isinstance(judge, str) else judge
     collate, device = PromptCollator(tokenizer.pad_token_id), next(policy.parameters()).device
     was_training = policy.training
@@ -162,7 +199,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
                 batch = {k: v.to(device) for k, v in collate(items).items()}
                 scored = _score_batch(policy, reference, tokenizer, batch, num_samples=num_samples,
                                       max_new_tokens=max_new_tokens, seed=seed + 2 * start, baseline=baseline,
-                                      sample_baseline=baseline_texts is None)
+                                      sample_baseline=baseline_texts is None, temperature=temperature, top_p=top_p,
+                                      cache_implementation=cache_implementation)
                 if baseline_texts is not None:
                     scored.update(_baseline_columns(tokenizer, baseline_texts[start : start + batch_size], num_samples))
                 rows += _rows(items, start, num_samples, scored)
@@ -170,9 +208,12 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
         policy.train(was_training)
     if judge_impl is not None:
         judge_rows(judge_impl, rows)
+    separate = temperature != 1.0 or top_p != 1.0
     settings = {"judge": getattr(judge_impl, "name", None), "baseline": baseline_name, "num_prompts": len(prompts),
-                "num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0,
-                "seed": seed}
+                "num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                "top_p": top_p, "kl_samples": KL_ON_SEPARATE_SAMPLES if separate else KL_ON_JUDGED_SAMPLES,
+                "stop_token_ids": stop_token_ids(policy, tokenizer),
+                "cache_implementation": resolve_cache_implementation(cache_implementation, device), "seed": seed}
     return {"metrics": summarize(rows, judge_impl is not None), "samples": rows, "settings": settings}
 
 
@@ -243,6 +284,9 @@ def format_summary(metrics: dict[str, float], settings: dict[str, Any] | None = 
              f"(k1; k3 {metrics['objective/kl_k3']:.3f} +- {metrics['objective/kl_k3_se']:.3f})",
              f"  mean completion length   {metrics['completions/mean_length']:.1f} tokens "
              f"({baseline} {metrics['reference/mean_length']:.1f}), EOS rate {metrics['completions/eos_rate']:.2f}"]
+    if (settings or {}).get("kl_samples") == KL_ON_SEPARATE_SAMPLES:
+        lines.insert(2, f"    (KL on separate temperature-1 samples; judged samples at temperature "
+                        f"{settings['temperature']}, top_p {settings['top_p']})")
     if "win_rate" in metrics:
         line = (f"  {judge_label(settings)} win rate vs {baseline}  {metrics['win_rate']:.3f} "
                 f"[{metrics['win_rate_ci_low']:.3f}, {metrics['win_rate_ci_high']:.3f}] 95% CI, "
@@ -271,7 +315,9 @@ def evaluate_during_training(accelerator, policy, reference, tokenizer, data, co
             prompts = data.eval_prompts[:limit] if limit else data.eval_prompts
             results = evaluate_policy(model, reference, tokenizer, prompts, judge=data.judge,
                                       num_samples=config.eval_num_samples, max_new_tokens=config.max_completion_length,
-                                      batch_size=config.eval_batch_size, seed=config.seed)
+                                      batch_size=config.eval_batch_size, seed=config.seed,
+                                      temperature=config.eval_temperature, top_p=config.eval_top_p,
+                                      cache_implementation=config.cache_implementation)
             if final:
                 write_eval_results(results, output_dir)
             run_logger.log({f"eval_{k}": v for k, v in results["metrics"].items()}, step)

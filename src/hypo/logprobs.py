@@ -32,9 +32,11 @@ def sequence_logps(per_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask that keeps each completion up to and including its first EOS, and which rows never hit EOS.
+    """Mask that keeps each completion up to and including its first stop token (any id of `eos_token_id`),
+    and which rows have none (clipped at the length limit).
 
-    Example: ids [5, 7, EOS, 9, EOS] -> mask [1, 1, 1, 0, 0]; ids [5, 7, 8] -> mask [1, 1, 1], clipped.
+    Example: ids [5, 7, EOS, 9, EOS] -> mask [1, 1, 1, 0, 0]; ids [5, 7, 8] -> mask [1, 1, 1], clipped;
+    stop ids [2, 9]: ids [5, 9, 4, 2] -> mask [1, 1, 0, 0].
 
     Shape: completion_ids (B, C) -> mask (B, C) long, clipped (B,) bool
     """
@@ -55,19 +57,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def completion_logps(
+def completion_per_token_logps(
     model,
     prompt_input_ids: torch.Tensor,
     prompt_attention_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Sequence log-probs of right-padded completions after left-padded prompts, in one forward pass.
+    """Per-token log-probs of right-padded completions after left-padded prompts, in one forward pass
+    (padding positions hold the log-prob of the pad id; mask them).
 
     Positions skip the left padding (as in `generate`), and the output layer runs only on the
     completion positions (`logits_to_keep`).
 
-    Shape: prompts (B, P), completions (B, C) -> (B,)
+    Shape: prompts (B, P), completions (B, C) -> (B, C)
     """
     input_ids = torch.cat([prompt_input_ids, completion_ids], dim=1)  # (B, P + C)
     attention_mask = torch.cat([prompt_attention_mask, completion_mask], dim=1)  # (B, P + C)
@@ -79,7 +82,23 @@ def completion_logps(
         logits_to_keep=completion_length + 1,
         use_cache=False,
     ).logits[:, :-1]  # (B, C, V): position P - 1 + t predicts completion token t
-    per_token_logps = selective_log_softmax(logits, completion_ids)  # (B, C)
+    return selective_log_softmax(logits, completion_ids)  # (B, C)
+
+
+def completion_logps(
+    model,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Sequence log-probs of right-padded completions after left-padded prompts (`completion_per_token_logps`
+    summed over the mask).
+
+    Shape: prompts (B, P), completions (B, C) -> (B,)
+    """
+    per_token_logps = completion_per_token_logps(
+        model, prompt_input_ids, prompt_attention_mask, completion_ids, completion_mask)  # (B, C)
     return sequence_logps(per_token_logps, completion_mask)
 
 

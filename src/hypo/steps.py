@@ -32,7 +32,7 @@ class StepContext:
     reference: Reference
     config: HyPOConfig
     pad_token_id: int
-    eos_token_id: int | list[int]
+    eos_token_id: int | list[int]  # every stop id of the model (`hypo.sampling.stop_token_ids`)
     share_prompt: bool  # score completions against each prompt's cached keys/values (see logprobs)
     ref_cache: dict[int, tuple[float, float]] | None  # reference log-probs of offline pairs by row index
     timer: StepTimer = field(default_factory=StepTimer)
@@ -134,6 +134,7 @@ def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
             sampler, prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
             num_generations=k, max_new_tokens=ctx.config.max_completion_length,
             eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
+            cache_implementation=ctx.config.cache_implementation,  # temperature 1, no truncation: always
         )
     num_prompts = prompt_batch["prompt_input_ids"].shape[0]
     prompt_index = torch.arange(num_prompts, device=samples.completion_ids.device).repeat_interleave(k)

@@ -129,6 +129,7 @@ def train(config: HyPOConfig) -> RunResult:
     from hypo.evaluate import evaluate_during_training
     from hypo.models import load_policy_and_reference
     from hypo.preflight import check_run_inputs
+    from hypo.sampling import stop_token_ids
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -170,8 +171,9 @@ def train(config: HyPOConfig) -> RunResult:
     skip_model_weights(accelerator)  # checkpoints hold the weights once, in Hugging Face format
     if checkpoint:
         accelerator.load_state(str(checkpoint / "training_state"))  # optimizer, schedule, RNG, state
-    ctx = StepContext(policy=policy, sampler=accelerator.unwrap_model(policy), reference=reference, config=config,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    sampler = accelerator.unwrap_model(policy)
+    ctx = StepContext(policy=policy, sampler=sampler, reference=reference, config=config,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(sampler, tokenizer),
                       share_prompt=shares_prompt_forward(config, accelerator.device),
                       ref_cache=state.ref_cache)
     one_backward = runs_one_backward(accelerator, online)

@@ -123,7 +123,8 @@ def run_rlhf(config: HyPOConfig, reward: RewardModelConfig) -> dict:
         items = data.eval_prompts[:limit] if limit else data.eval_prompts
         return evaluate_policy(model, reference, tokenizer, items, judge=data.judge,
                                num_samples=config.eval_num_samples, max_new_tokens=config.max_completion_length,
-                               batch_size=config.eval_batch_size, seed=config.seed)
+                               batch_size=config.eval_batch_size, seed=config.seed,
+                               temperature=config.eval_temperature, top_p=config.eval_top_p)
 
     args = RLOOConfig(output_dir=str(out / "trl"), **trl_rloo_args(config))
     trainer = RLOOTrainer(model=model_path, reward_funcs=str(rm_dir), args=args, train_dataset=_dataset(prompts),
