@@ -40,13 +40,17 @@ def test_same_seed_same_results_and_a_readable_report(tiny_model_dir, other_mode
     assert first == second and _samples(tmp_path / "a") == _samples(tmp_path / "b")
     assert first["metrics"]["objective/kl"] != 0  # another reference: the log-ratios are not zero
     settings = first["settings"]
-    assert settings["seed"] == 7 and settings["temperature"] == 1.0 and settings["max_new_tokens"] == 4
+    assert settings["seed"] == 7 and settings["max_new_tokens"] == 4  # the options the command was given
     assert settings["baseline"] == "reference" and settings["judge"] == "review-sentiment"
     report = (tmp_path / "a" / "eval_report.md").read_text()
     m = first["metrics"]
     assert f"| reverse KL to reference, k1 (nats) | {m['objective/kl']:.3f} ± {m['objective/kl_se']:.3f} | 3 prompts |" \
         in report
     assert f"| win rate vs reference [95% CI] | {m['win_rate']:.3f} [" in report and "- seed: `7`" in report
+    tempered = _eval(tiny_model_dir, other_model_dir, tmp_path / "t", *args, "--temperature", "0.5")
+    assert tempered["settings"]["temperature"] == 0.5  # the judged samples are tempered, the KL samples are not:
+    assert tempered["metrics"]["objective/kl"] == first["metrics"]["objective/kl"]
+    assert [s["policy_text"] for s in _samples(tmp_path / "t")] != [s["policy_text"] for s in _samples(tmp_path / "a")]
     _eval(tiny_model_dir, other_model_dir, tmp_path / "c", "--prompts", tiny_task["eval_prompts"], "--seed", "8")
     assert _samples(tmp_path / "c") != _samples(tmp_path / "a")
 

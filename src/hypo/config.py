@@ -233,8 +233,6 @@ def _problems(c: HyPOConfig):
         yield f"max_prompt_length ({c.max_prompt_length}) must be < max_length ({c.max_length})"
     if c.eval_temperature <= 0 or not 0 < c.eval_top_p <= 1:
         yield f"eval_temperature must be > 0 and eval_top_p in (0, 1], got {c.eval_temperature} and {c.eval_top_p}"
-    if c.cache_implementation not in ("auto", "dynamic", "static"):
-        yield f"cache_implementation must be 'auto', 'dynamic' or 'static', got {c.cache_implementation!r}"
     if c.max_steps == 0 or c.max_steps < -1:
         yield f"max_steps must be >= 1, or -1 to use num_train_epochs, got {c.max_steps}"
     if c.max_steps == -1 and c.num_train_epochs <= 0:
