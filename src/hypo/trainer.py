@@ -294,9 +294,10 @@ class StopSignals:
 
     def _handle(self, number, frame) -> None:
         import os
+        import signal
         import sys
 
-        if self.signal is not None and number == 2:  # a second Ctrl-C
+        if self.signal is not None and number == signal.SIGINT:  # a second Ctrl-C
             os._exit(130)
         self.signal = number
         print(f"\nhypo: signal {number}: stopping after this optimizer step (saving a checkpoint); "
