@@ -91,13 +91,14 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tiny_task, tmp_p
     assert [r["loss"] for r in records] == [r["loss"] for r in expected]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_model_dir, tiny_task, tmp_path):
+@pytest.mark.parametrize(("number", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_a_checkpoint_and_exits(tiny_model_dir, tiny_task, tmp_path, number, exit_code):
     whole = train(HyPOConfig(**_options(tiny_model_dir, tiny_task, tmp_path / "whole", "hypo", save_steps=0)))
     run_dir = tmp_path / "stopped"
     options = _options(tiny_model_dir, tiny_task, run_dir, "hypo", save_steps=0)
     metrics = run_dir / "metrics.jsonl"
-    done = _start_and_signal(options, signal.SIGTERM, lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1)
-    assert done.returncode == 143, done.stderr[-2000:]
+    done = _start_and_signal(options, number, lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1)
+    assert done.returncode == exit_code, done.stderr[-2000:]
     checkpoints = sorted(run_dir.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and "resume with: hypo train --resume_from_checkpoint" in done.stderr
     assert "Traceback" not in done.stderr
