@@ -127,3 +127,12 @@ def test_llm_judge_options_and_unreachable_endpoint(tiny_model_dir, tiny_task, t
                         "--judge-max-retries", "0"]) == 2
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9/v1/chat/completions is unreachable after 1 attempts" in err and "Traceback" not in err
+
+
+def test_judge_timeout_reaches_the_llm_judge(tmp_path):
+    from hypo.cli import _eval_judge, eval_parser
+
+    args = eval_parser().parse_args(["--model", "m", "--judge", "llm", "--judge_base_url", "http://127.0.0.1:9/v1",
+                                     "--judge_model", "x", "--judge_timeout", "7.5"])
+    judge = _eval_judge(args, tmp_path, None)
+    assert judge.timeout == 7.5 and judge.max_retries == 4

@@ -128,6 +128,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge_model", default=None, help="--judge llm: the model name sent to the endpoint.")
     p.add_argument("--judge_api_key_env", default="OPENAI_API_KEY",
                    help="--judge llm: environment variable holding the API key (never written anywhere).")
+    p.add_argument("--judge_timeout", type=float, default=60.0,
+                   help="--judge llm: seconds to wait for one answer before retrying.")
     p.add_argument("--judge_max_retries", type=int, default=4,
                    help="--judge llm: retries of a failed request, with exponential backoff from 1 s.")
     p.add_argument("--task", default=_default("task"), help="Bundled task that supplies default prompts and judge.")
@@ -161,7 +163,7 @@ def _eval_judge(args, output_dir: Path, default: str | None):
         raise ValueError("--judge llm needs --judge_base_url and --judge_model")
     return LLMJudge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
                     cache_path=output_dir / "llm_judge_cache.jsonl", seed=args.seed,
-                    max_retries=args.judge_max_retries)
+                    max_retries=args.judge_max_retries, timeout=args.judge_timeout)
 
 
 def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
