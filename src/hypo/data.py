@@ -722,11 +722,13 @@ class TrainingData:
     prompts: list[dict] | None  # unlabeled prompts for the online term (HyPO only)
     eval_prompts: list[dict] | None
     judge: str | None
+    eval_pairs: list[dict] | None = None  # held-out pairs (config.eval_dataset) for eval_loss, eval_rewards/*
 
 
 def load_training_data(config, tokenizer: PreTrainedTokenizerBase, *, with_prompts: bool) -> TrainingData:
-    """Pairs, unlabeled prompts (`with_prompts`: the online term needs them) and held-out prompts of a
-    `HyPOConfig`: the bundled task's unless the user gives them."""
+    """Pairs, unlabeled prompts (`with_prompts`: the online term needs them), held-out prompts and held-out
+    pairs of a `HyPOConfig`: the bundled task's unless the user gives them. Each source is read with its
+    split and configuration (subset) name."""
     pairs_source, prompts_source, eval_source, judge = config.dataset, config.prompts, config.eval_prompts, config.judge
     if pairs_source is None:
         from hypo.tasks import get_task
@@ -736,16 +738,24 @@ def load_training_data(config, tokenizer: PreTrainedTokenizerBase, *, with_promp
         prompts_source = prompts_source or str(task.prompts)
         eval_source = eval_source or str(task.eval_prompts)
     lengths = {"max_prompt_length": config.max_prompt_length, "skip_bad_rows": config.skip_bad_rows}
-    pairs, _ = load_preference_data(pairs_source, tokenizer, split=config.dataset_split, max_length=config.max_length,
-                                    max_completion_length=config.max_completion_length, **lengths)
+    pair_lengths = {**lengths, "max_length": config.max_length, "max_completion_length": config.max_completion_length}
+    pairs, _ = load_preference_data(pairs_source, tokenizer, split=config.dataset_split,
+                                    config_name=config.dataset_config, **pair_lengths)
     prompts = None
     if with_prompts and prompts_source:
-        prompts, _ = load_prompt_data(prompts_source, tokenizer, split=config.prompts_split, **lengths)
+        prompts, _ = load_prompt_data(prompts_source, tokenizer, split=config.prompts_split,
+                                      config_name=config.prompts_config, **lengths)
     elif with_prompts:
         prompts, _ = tokenize_prompt_rows(prompts_from_preference_rows(pairs), tokenizer, source=pairs_source,
                                           **lengths)
-    eval_prompts = load_prompt_data(eval_source, tokenizer, **lengths)[0] if eval_source else None
-    return TrainingData(pairs, prompts, eval_prompts, judge)
+    eval_prompts = load_prompt_data(eval_source, tokenizer, split=config.eval_prompts_split,
+                                    config_name=config.eval_prompts_config, **lengths)[0] if eval_source else None
+    eval_pairs = None
+    if config.eval_dataset and (config.eval_at_end or config.eval_steps):
+        eval_pairs, _ = load_preference_data(config.eval_dataset, tokenizer, split=config.eval_dataset_split,
+                                             config_name=config.eval_dataset_config, **pair_lengths)
+        eval_pairs = eval_pairs[: config.eval_max_pairs] if config.eval_max_pairs else eval_pairs
+    return TrainingData(pairs, prompts, eval_prompts, judge, eval_pairs)
 
 
 class ShuffledBatches:
