@@ -175,9 +175,25 @@ class HyPOConfig:
 
 
 @functools.cache
-def _field_types() -> dict[str, Any]:
-    """Each field's annotation, resolved from its string form (``from __future__ import annotations``)."""
-    return typing.get_type_hints(HyPOConfig)
+def _field_types(config_class: type | None = None) -> dict[str, Any]:
+    """Each field's annotation, resolved from its string form (``from __future__ import annotations``), of
+    `config_class` (default: HyPOConfig; `hypo sft` has its own)."""
+    return typing.get_type_hints(config_class or HyPOConfig)
+
+
+def field_type_problems(config) -> list[str]:
+    """The type problems of every field of a config dataclass instance (HyPOConfig, or `hypo sft`'s)."""
+    cls = type(config)
+    return [p for p in (_type_problem(f.name, getattr(config, f.name), cls) for f in dataclasses.fields(config)) if p]
+
+
+def plain_numbers(config) -> None:
+    """Numeric fields as plain Python numbers: 1 -> 1.0 for a float field, numpy.int64(2) -> 2."""
+    for name, annotation in _field_types(type(config)).items():
+        value = getattr(config, name)
+        kind = next((t for t in (int, float) if annotation in (t, t | None)), None)
+        if kind is not None and value is not None and type(value) is not kind:
+            setattr(config, name, kind(value))
 
 
 def _describe(annotation: Any) -> str:
@@ -208,9 +224,9 @@ def _matches(value: Any, annotation: Any) -> bool:
     raise TypeError(f"no validation rule for the field type {annotation!r}")
 
 
-def _type_problem(name: str, value: Any) -> str | None:
+def _type_problem(name: str, value: Any, config_class: type | None = None) -> str | None:
     """The message for a ``value`` that does not fit the annotation of field ``name``, else None."""
-    annotation = _field_types()[name]
+    annotation = _field_types(config_class)[name]
     if _matches(value, annotation):
         return None
     origin = typing.get_origin(annotation)
@@ -332,8 +348,8 @@ def _parse_config_text(path: Path, text: str) -> Any:
         raise ValueError(f"{path}: {where}invalid YAML: {problem}") from None
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of config fields.
+def read_config_file(path: str | Path, config_class: type | None = None) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of the fields of `config_class` (default: HyPOConfig).
 
     Every problem is a ValueError naming the file: a syntax error (with its line), unknown keys, and a
     value whose type does not fit the option (``max_steps: 1.5``, ``kl_coef: .inf``, ``use_peft: "yes"``).
@@ -348,11 +364,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     data = _parse_config_text(path, text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(HyPOConfig)}
+    known = {f.name for f in dataclasses.fields(config_class or HyPOConfig)}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
         raise ValueError(f"{path}: unknown option(s): {', '.join(unknown)}")
-    problems = [f"option '{key}': {problem}" for key, value in data.items() if (problem := _type_problem(key, value))]
+    problems = [f"option '{key}': {problem}" for key, value in data.items()
+                if (problem := _type_problem(key, value, config_class))]
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
     return data
