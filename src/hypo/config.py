@@ -60,7 +60,7 @@ class HyPOConfig:
         "auto")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = _help(
         "Weights dtype. Keep float32 (with mixed_precision for speed): bfloat16 weights round most AdamW updates "
-        "away (about 90% of weights never change at learning rates near 1e-5), float16 weights are refused.",
+        "away (about 9 in 10 weights never change at learning rates near 1e-5), float16 weights are refused.",
         "float32")
     use_peft: bool = _help("Train LoRA adapters; the reference is then the base model with adapters disabled.", False)
     lora_r: int = _help("LoRA rank.", 16)
