@@ -84,3 +84,19 @@ def test_question_rows_are_checked():
     prompts = [{"prompt": [{"role": "user", "content": "Hello?"}]}]  # hypo's own prompt rows work too
     records = alpaca_eval_outputs(prompts, lambda c, t: ["hi"] * len(c), generator="g", temperature=0.0)
     assert records == [{"instruction": "Hello?", "output": "hi", "generator": "g"}]
+
+
+@pytest.mark.parametrize("command", ["export", "sft"])
+def test_new_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and f"hypo {command}" in capsys.readouterr().out
+    main(["--help"])
+    assert f"hypo {command}" in capsys.readouterr().out
+
+
+def test_export_refuses_bad_options(tiny_model_dir, tmp_path, capsys):
+    questions = write_jsonl(tmp_path / "question.jsonl", MT_BENCH)
+    argv = ["export", "--model", str(tiny_model_dir), "--format", "mt_bench", "--questions", str(questions),
+            "--output", str(tmp_path / "out.jsonl"), "--temperature", "-1"]
+    assert main(argv) == 2 and "--temperature >= 0" in capsys.readouterr().err
