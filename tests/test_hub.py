@@ -35,7 +35,7 @@ def test_card_of_a_hypo_run_on_hub_data():
     assert "- unlabeled prompts (online KL term): the prompts of the preference pairs" in text
     assert "- held-out preference pairs: `trl-lib/tldr-preference` (split `validation`)" in text
     assert "| kl_coef | `0.1` |" in text and "| beta | `0.5` |" in text and "lora_r" not in text
-    assert "64 prompts, 128 completions" in text and "judge `llm:gpt-4o`" in text
+    assert "64 prompts, 128 completions" in text and "judge `llm:gpt-4o` against `trl-lib/tldr:completion`" in text
     assert "| win rate vs the baseline (ties count half; 95% CI) | 0.555 [0.467, 0.642] |" in text
     assert "| reverse KL to the reference (nats, k1) | 0.605 ± 0.1 |" in text
     assert "| eval_rewards/accuracies | 0.7 |" in text
@@ -120,6 +120,8 @@ def test_card_after_a_real_run(tiny_model_dir, tiny_task, tmp_path):
                         final_metrics=result.final_metrics)
     text = (result.model_dir / "README.md").read_text()
     assert "2 prompts, 4 completions" in text and "judge `review-sentiment`" in text
+    no_judge = {**result.eval, "settings": {**result.eval["settings"], "judge": None}}
+    assert "judge `" not in training_card(config, name="x", eval_results=no_judge).render()
     assert AutoModelForCausalLM.from_pretrained(result.model_dir) is not None  # the card changes nothing else
     assert write_model_card(result.model_dir, training_card(config, name="x")).name == "README.md"
     assert hypo.hub.METHODS["hypo"].startswith("HyPO")

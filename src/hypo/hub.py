@@ -136,9 +136,9 @@ def results_lines(eval_results: dict[str, Any] | None, pair_metrics: dict[str, f
     if eval_results:
         m, s = eval_results["metrics"], eval_results.get("settings", {})
         sampling = f" sampled at temperature {s['temperature']}" if "temperature" in s else ""
+        judged = f", judge `{s['judge']}` against `{s.get('baseline', 'reference')}`" if s.get("judge") else ""
         lines += [f"Held-out prompts: {int(m['num_prompts'])} prompts, {int(m['num_completions'])} completions"
-                  f"{sampling}, judge `{s.get('judge')}`, baseline `{s.get('baseline', 'reference')}`, seed "
-                  f"{s.get('seed')}.", ""]
+                  f"{sampling}{judged}, seed {s.get('seed')}.", ""]
         rows = [[label, _number(m[key], m.get(se))] for label, key, se in EVAL_ROWS if key in m]
         if "win_rate" in m:
             rows.append(["win rate vs the baseline (ties count half; 95% CI)",
