@@ -1,4 +1,4 @@
-"""Command line: `hypo train`, `hypo eval` and `hypo report`.
+"""Command line: `hypo train`, `hypo eval`, `hypo report`, `hypo sft` and `hypo export`.
 
 `hypo train` with no arguments fine-tunes the embedded SmolLM2-135M-Instruct with HyPO on the bundled
 task. `hypo train --config run.yaml --beta 0.2` reads the file, then applies the flags on top.
@@ -19,6 +19,8 @@ USAGE = """hypo: Hybrid Preference Optimization (arXiv 2406.01462) for Hugging F
 commands:
   hypo train [--config FILE] [--option value ...]   fine-tune with HyPO (default) or DPO
   hypo eval --model DIR [--reference DIR] [...]     reverse KL and judged win rate on held-out prompts
+  hypo sft [--config FILE] [--option value ...]     supervised fine-tuning (TRL's SFTTrainer), for recipes
+  hypo export --model DIR --format F --questions Q  answers for AlpacaEval 2 (alpaca_eval) or MT-Bench (mt_bench)
   hypo report RUN_DIR [RUN_DIR ...] [--output_dir D] compare runs: a markdown table and plots
   hypo lab bandit [--quick] [--seed N] [...]         coverage lab: exact bandit DPO / HyPO / RLHF study
   hypo lab lm [--seeds 42,43,44] [...]               coverage lab: DPO / HyPO / RLHF on the language model
@@ -116,12 +118,17 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Trained model: local folder, hub id or .gguf file.")
     p.add_argument("--reference", default=None, help="Reference model (default: the embedded default model).")
     p.add_argument("--prompts", default=None, help="Prompt-only data (default: the bundled task's eval prompts).")
+    p.add_argument("--prompts_split", default="train", help="Split of --prompts (hub datasets, dataset folders).")
+    p.add_argument("--prompts_config", default=None, help="Configuration (subset) of --prompts.")
     p.add_argument("--baseline", default=None,
                    help="Win rate against this model's samples (default: the reference's samples).")
     p.add_argument("--baseline_dataset", default=None,
                    help="Win rate against fixed responses: a data file with prompt and --baseline_field "
                         "(its prompts replace --prompts).")
     p.add_argument("--baseline_field", default="chosen", help="Response field of --baseline_dataset.")
+    p.add_argument("--baseline_split", default="train",
+                   help="Split of --baseline_dataset (e.g. test for the reference summaries of trl-lib/tldr).")
+    p.add_argument("--baseline_config", default=None, help="Configuration (subset) of --baseline_dataset.")
     p.add_argument("--judge", default=None, help="A registered judge name (default: the bundled task's gold judge), "
                    "rm:<reward model folder or hub id>, or llm (an OpenAI-compatible chat endpoint).")
     p.add_argument("--judge_base_url", default=None, help="--judge llm: the endpoint, e.g. http://localhost:8000/v1.")
@@ -132,6 +139,10 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="--judge llm: seconds to wait for one answer before retrying.")
     p.add_argument("--judge_max_retries", type=int, default=4,
                    help="--judge llm: retries of a failed request, with exponential backoff from 1 s.")
+    p.add_argument("--judge_template", default=None, choices=["default", "tldr"],
+                   help="--judge llm: the prompt (src/hypo/llm_judge.py): default, a general comparison; tldr, the "
+                        "paper's TL;DR win rate (which summary of the post is better, as in the DPO paper), with "
+                        "--baseline_dataset trl-lib/tldr --baseline_split test --baseline_field completion.")
     p.add_argument("--task", default=_default("task"), help="Bundled task that supplies default prompts and judge.")
     p.add_argument("--num_samples", type=int, default=_default("eval_num_samples"), help="Completions per prompt.")
     p.add_argument("--max_prompts", type=int, default=_default("eval_max_prompts"), help="Prompts to use (0: all).")
@@ -156,14 +167,17 @@ def eval_parser() -> argparse.ArgumentParser:
 def _eval_judge(args, output_dir: Path, default: str | None):
     """The judge object or name for `hypo eval`; `llm` caches its verdicts in the output folder."""
     if args.judge != "llm":
+        if args.judge_template:
+            raise ValueError("--judge_template applies to --judge llm")
         return args.judge or default
-    from hypo.llm_judge import LLMJudge
+    from hypo.llm_judge import TEMPLATES, LLMJudge
 
     if not args.judge_base_url or not args.judge_model:
         raise ValueError("--judge llm needs --judge_base_url and --judge_model")
     return LLMJudge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
                     cache_path=output_dir / "llm_judge_cache.jsonl", seed=args.seed,
-                    max_retries=args.judge_max_retries, timeout=args.judge_timeout)
+                    max_retries=args.judge_max_retries, timeout=args.judge_timeout,
+                    template=TEMPLATES[args.judge_template or "default"])
 
 
 def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
@@ -173,12 +187,13 @@ def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
 
     if args.baseline_dataset is None:
         prompts, _ = load_prompt_data(args.prompts or str(task.eval_prompts), tokenizer,
-                                      max_prompt_length=args.max_prompt_length)
+                                      max_prompt_length=args.max_prompt_length, split=args.prompts_split,
+                                      config_name=args.prompts_config)
         texts = None
     else:
         if args.prompts or args.baseline:
             raise ValueError("--baseline_dataset supplies the prompts and the baseline: drop --prompts/--baseline")
-        rows = read_rows(args.baseline_dataset)
+        rows = read_rows(args.baseline_dataset, split=args.baseline_split, config_name=args.baseline_config)
         texts = baseline_responses(rows, args.baseline_field, args.baseline_dataset)
         prompts, _ = tokenize_prompt_rows(rows, tokenizer, source=args.baseline_dataset,
                                           max_prompt_length=args.max_prompt_length)
@@ -221,7 +236,8 @@ def run_eval(argv: list[str]) -> int:
                                prompts=args.baseline_dataset or args.prompts or str(task.eval_prompts),
                                max_prompt_length=args.max_prompt_length)
     if args.judge == "llm":
-        results["settings"].update(judge_base_url=args.judge_base_url, judge_api_key_env=args.judge_api_key_env)
+        results["settings"].update(judge_base_url=args.judge_base_url, judge_api_key_env=args.judge_api_key_env,
+                                   judge_template=args.judge_template or "default")
     path = write_eval_results(results, out)
     for line in format_summary(results["metrics"], results["settings"]):
         print(line)
@@ -243,6 +259,97 @@ def run_report(argv: list[str]) -> int:
     args = report_parser().parse_args(argv)
     path = write_report(args.runs, args.output_dir)
     print(f"report: {path}")
+    return 0
+
+
+def sft_parser():
+    from transformers import HfArgumentParser
+
+    from hypo.sft import SFTRunConfig
+
+    parser = HfArgumentParser(SFTRunConfig, prog="hypo sft",
+                              description="Supervised fine-tuning with TRL's SFTTrainer (the SFT step of the "
+                                          "recipes). Options may also come from --config (YAML or JSON).")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options (the same names as the flags).")
+    return parser
+
+
+def run_sft(argv: list[str]) -> int:
+    from hypo.config import read_config_file
+    from hypo.sft import SFTRunConfig, sft
+
+    parser = sft_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre_args, _ = pre.parse_known_args(argv)
+    if pre_args.config:
+        parser.set_defaults(**read_config_file(pre_args.config, SFTRunConfig))
+    config = SFTRunConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    result = sft(config)
+    loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
+    print(f"\nhypo sft: {result.steps} steps in {result.seconds / 60:.1f} min{loss}\n  model: {result.model_dir}")
+    return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from hypo.export import FORMATS
+
+    p = argparse.ArgumentParser(prog="hypo export", description="Generate a model's answers in the format of a "
+                                "standard evaluator: alpaca_eval (AlpacaEval 2's model_outputs JSON) or mt_bench "
+                                "(FastChat's model_answer JSONL, both turns). See src/hypo/export.py.")
+    p.add_argument("--model", required=True, help="Model: local folder, hub id or .gguf file.")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--questions", required=True,
+                   help="alpaca_eval: alpaca_eval.json from the Hub dataset tatsu-lab/alpaca_eval (instruction "
+                        "rows), or any prompt data; mt_bench: FastChat's data/mt_bench/question.jsonl.")
+    p.add_argument("--questions_split", default="train", help="Split of --questions when it is a hub dataset.")
+    p.add_argument("--questions_config", default=None, help="Configuration (subset) of --questions.")
+    p.add_argument("--output", required=True, help="alpaca_eval: outputs.json; mt_bench: model_answer/<name>.jsonl.")
+    p.add_argument("--name", default=None, help="The generator (alpaca_eval) or model_id (mt_bench); default: the "
+                   "model folder's name.")
+    p.add_argument("--max_new_tokens", type=int, default=1024, help="Longest answer in tokens.")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy. Default: alpaca_eval 0; mt_bench FastChat's temperature per category.")
+    p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling when the temperature is above 0.")
+    p.add_argument("--batch_size", type=int, default=8, help="Conversations per generation batch.")
+    p.add_argument("--max_questions", type=int, default=0, help="Use the first N questions (0: all).")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="Weights for generation; auto: bfloat16 on a GPU, float32 on a CPU.")
+    p.add_argument("--seed", type=int, default=42, help="Seed of the sampled answers.")
+    return p
+
+
+def run_export(argv: list[str]) -> int:
+    import torch
+
+    from hypo.datafiles import read_rows
+    from hypo.export import alpaca_eval_outputs, model_answer_fn, mt_bench_answers, write_outputs
+    from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    args = export_parser().parse_args(argv)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_questions < 0 or \
+            (args.temperature is not None and args.temperature < 0) or not 0 < args.top_p <= 1:
+        raise ValueError("--max_new_tokens and --batch_size must be >= 1, --max_questions >= 0, --temperature >= 0 "
+                         "and --top_p in (0, 1]")
+    rows = read_rows(args.questions, split=args.questions_split, config_name=args.questions_config)
+    rows = rows[: args.max_questions] if args.max_questions else rows
+    model_path = resolve_model_path(args.model)
+    name = args.name or Path(str(model_path)).name
+    cuda = torch.cuda.is_available()
+    dtype = ("bfloat16" if cuda else "float32") if args.dtype == "auto" else args.dtype
+    model = load_causal_lm(model_path, dtype).to("cuda" if cuda else "cpu")
+    answer = model_answer_fn(model, load_tokenizer(model_path), max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, seed=args.seed, top_p=args.top_p)
+    if args.format == "alpaca_eval":
+        records = alpaca_eval_outputs(rows, answer, generator=name, temperature=args.temperature or 0.0,
+                                      source=args.questions)
+        then = f"alpaca_eval --model_outputs {args.output}"
+    else:
+        records = mt_bench_answers(rows, answer, model_id=name, temperature=args.temperature, source=args.questions)
+        then = ("copy it to FastChat's fastchat/llm_judge/data/mt_bench/model_answer/ and run "
+                f"gen_judgment.py --model-list {name}")
+    path = write_outputs(records, args.output, args.format)
+    print(f"hypo export: {len(records)} answers of {name} in {path}\n  next: {then}")
     return 0
 
 
@@ -290,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], normalize_flags(argv[1:])
-    commands = {"train": run_train, "eval": run_eval, "report": run_report, "lab": run_lab, "bench": run_bench}
+    commands = {"train": run_train, "eval": run_eval, "report": run_report, "lab": run_lab, "bench": run_bench,
+                "sft": run_sft, "export": run_export}
     if command not in commands:
         print(f"hypo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

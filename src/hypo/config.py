@@ -137,6 +137,30 @@ class HyPOConfig:
         "Held-out prompts used by the evaluations every eval_steps (0: as eval_max_prompts).", 16)
     num_threads: int | None = _help("CPU threads for torch (default: torch's choice).")
 
+    # --- data sources, held-out pairs, sharing (used by the paper's recipes in recipes/) -----------------
+    dataset_config: str | None = _help(
+        "Configuration (subset) of --dataset, for hub datasets and dataset folders that define several: "
+        "datasets.load_dataset(dataset, dataset_config, split=dataset_split).")
+    prompts_config: str | None = _help("Configuration (subset) of --prompts.")
+    eval_prompts_split: str = _help("Split of --eval_prompts.", "train")
+    eval_prompts_config: str | None = _help("Configuration (subset) of --eval_prompts.")
+    eval_dataset: str | None = _help(
+        "Held-out preference pairs (the formats of --dataset). At each evaluation (every eval_steps and at the end) "
+        "their DPO loss and implicit rewards are logged under TRL's names: eval_loss, eval_rewards/chosen, "
+        "eval_rewards/rejected, eval_rewards/accuracies, eval_rewards/margins, eval_logps/chosen, "
+        "eval_logps/rejected.")
+    eval_dataset_split: str = _help("Split of --eval_dataset.", "test")
+    eval_dataset_config: str | None = _help("Configuration (subset) of --eval_dataset.")
+    eval_max_pairs: int = _help("Held-out pairs of --eval_dataset used by each evaluation (0: all).", 0)
+    per_device_eval_batch_size: int = _help("Held-out pairs per forward pass in the evaluation of --eval_dataset.",
+                                            8)
+    push_to_hub: bool = _help(
+        "Upload the final model folder (weights, tokenizer and a model card, README.md) to the Hugging Face Hub "
+        "at the end of training; needs a token (huggingface-cli login or HF_TOKEN).", False)
+    hub_model_id: str | None = _help(
+        "Repository of --push_to_hub, 'name' or 'org/name'; default: the name of output_dir's folder (as in TRL).")
+    hub_private_repo: bool = _help("Create the --push_to_hub repository as private.", False)
+
     def __post_init__(self) -> None:
         problems = list(_problems(self))
         if problems:
@@ -160,9 +184,25 @@ class HyPOConfig:
 
 
 @functools.cache
-def _field_types() -> dict[str, Any]:
-    """Each field's annotation, resolved from its string form (``from __future__ import annotations``)."""
-    return typing.get_type_hints(HyPOConfig)
+def _field_types(config_class: type | None = None) -> dict[str, Any]:
+    """Each field's annotation, resolved from its string form (``from __future__ import annotations``), of
+    `config_class` (default: HyPOConfig; `hypo sft` has its own)."""
+    return typing.get_type_hints(config_class or HyPOConfig)
+
+
+def field_type_problems(config) -> list[str]:
+    """The type problems of every field of a config dataclass instance (HyPOConfig, or `hypo sft`'s)."""
+    cls = type(config)
+    return [p for p in (_type_problem(f.name, getattr(config, f.name), cls) for f in dataclasses.fields(config)) if p]
+
+
+def plain_numbers(config) -> None:
+    """Numeric fields as plain Python numbers: 1 -> 1.0 for a float field, numpy.int64(2) -> 2."""
+    for name, annotation in _field_types(type(config)).items():
+        value = getattr(config, name)
+        kind = next((t for t in (int, float) if annotation in (t, t | None)), None)
+        if kind is not None and value is not None and type(value) is not kind:
+            setattr(config, name, kind(value))
 
 
 def _describe(annotation: Any) -> str:
@@ -193,9 +233,9 @@ def _matches(value: Any, annotation: Any) -> bool:
     raise TypeError(f"no validation rule for the field type {annotation!r}")
 
 
-def _type_problem(name: str, value: Any) -> str | None:
+def _type_problem(name: str, value: Any, config_class: type | None = None) -> str | None:
     """The message for a ``value`` that does not fit the annotation of field ``name``, else None."""
-    annotation = _field_types()[name]
+    annotation = _field_types(config_class)[name]
     if _matches(value, annotation):
         return None
     origin = typing.get_origin(annotation)
@@ -258,6 +298,25 @@ def _problems(c: HyPOConfig):
         yield "resume_from_checkpoint latest needs output_dir (the run folder to continue)"
     if c.eval_steps < 0 or c.eval_max_prompts_during_training < 0:
         yield "eval_steps and eval_max_prompts_during_training must be >= 0"
+    yield from _source_problems(c)
+
+
+_HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _source_problems(c: HyPOConfig):
+    """Checks of the data-source, held-out-pairs and sharing section."""
+    for config_field, source_field in (("dataset_config", "dataset"), ("prompts_config", "prompts"),
+                                       ("eval_prompts_config", "eval_prompts"),
+                                       ("eval_dataset_config", "eval_dataset")):
+        if getattr(c, config_field) is not None and getattr(c, source_field) is None:
+            yield f"{config_field} is the configuration of {source_field}, which is not set"
+    if c.eval_max_pairs < 0:
+        yield f"eval_max_pairs must be >= 0 (0: all), got {c.eval_max_pairs}"
+    if c.per_device_eval_batch_size < 1:
+        yield f"per_device_eval_batch_size must be >= 1, got {c.per_device_eval_batch_size}"
+    if c.hub_model_id is not None and not _HUB_REPO_ID.match(c.hub_model_id):
+        yield f"hub_model_id must be 'name' or 'org/name' (letters, digits, '-', '_', '.'), got {c.hub_model_id!r}"
 
 
 @functools.cache
@@ -295,8 +354,8 @@ def _parse_config_text(path: Path, text: str) -> Any:
         raise ValueError(f"{path}: {where}invalid YAML: {problem}") from None
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of config fields.
+def read_config_file(path: str | Path, config_class: type | None = None) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of the fields of `config_class` (default: HyPOConfig).
 
     Every problem is a ValueError naming the file: a syntax error (with its line), unknown keys, and a
     value whose type does not fit the option (``max_steps: 1.5``, ``kl_coef: .inf``, ``use_peft: "yes"``).
@@ -311,11 +370,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     data = _parse_config_text(path, text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(HyPOConfig)}
+    known = {f.name for f in dataclasses.fields(config_class or HyPOConfig)}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
         raise ValueError(f"{path}: unknown option(s): {', '.join(unknown)}")
-    problems = [f"option '{key}': {problem}" for key, value in data.items() if (problem := _type_problem(key, value))]
+    problems = [f"option '{key}': {problem}" for key, value in data.items()
+                if (problem := _type_problem(key, value, config_class))]
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
     return data

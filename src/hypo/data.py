@@ -5,7 +5,11 @@ Rows follow TRL's formats (extra keys are ignored):
 * preference, standard: ``{"prompt": str, "chosen": str, "rejected": str}``
 * preference, conversational: ``prompt`` is a list of ``{"role", "content"}`` messages, ``chosen``
   and ``rejected`` are each a list holding exactly one ``{"role": "assistant", ...}`` message
-* prompt-only: ``{"prompt": str}`` or ``{"prompt": [messages]}``
+* preference, implicit prompt (TRL's rule, :func:`explicit_prompt_row`): ``chosen`` and ``rejected`` are
+  whole conversations (``HuggingFaceH4/ultrafeedback_binarized``: user turn + assistant turn, beside a
+  ``prompt`` string) or strings with a shared beginning and no ``prompt``; the shared part is the prompt.
+  A ``prompt`` string with one-message conversational completions becomes the user turn.
+* prompt-only: ``{"prompt": str}`` or ``{"prompt": [messages]}`` (or a preference row: its explicit prompt)
 
 A source is a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a folder (written by
 ``datasets.save_to_disk`` or holding data files), or a Hugging Face Hub dataset name, read by
@@ -25,7 +29,8 @@ tokenizer or a model, so a run can check all its data before it loads anything h
 Tokenization mirrors what the policy sees and generates: the prompt is the raw text (tokenizer
 special tokens such as BOS added) or the chat template applied with a generation prompt; a
 completion is its text without special tokens followed by ``eos_token_id``. Prompts are truncated on
-the left, completions on the right.
+the left, completions on the right. Rows are validated one by one, then tokenized together in batched
+tokenizer calls, each distinct prompt once (:func:`token_ids`).
 """
 
 from __future__ import annotations
@@ -43,9 +48,9 @@ from hypo.datafiles import FILE_SUFFIXES, JSON_LIST_KEYS, DataError, read_locate
 
 __all__ = [  # the reading side lives in hypo.datafiles; these names stay importable from here
     "FILE_SUFFIXES", "JSON_LIST_KEYS", "DataError", "LoadReport", "PairCollator", "PromptCollator",
-    "check_preference_source", "check_prompt_source", "load_preference_data", "load_prompt_data",
-    "pad_sequences", "prompts_from_preference_rows", "read_rows", "render_prompt", "tokenize_preference_rows",
-    "tokenize_prompt_rows", "validate_preference_row",
+    "check_preference_source", "check_prompt_source", "explicit_prompt_row", "extract_prompt", "load_preference_data",
+    "load_prompt_data", "pad_sequences", "prompts_from_preference_rows", "read_rows", "render_prompt", "token_ids",
+    "tokenize_preference_rows", "tokenize_prompt_rows", "validate_preference_row",
 ]
 
 if TYPE_CHECKING:
@@ -55,7 +60,15 @@ logger = logging.getLogger(__name__)
 
 _TYPE_HINT = "expected a string or a list of {role, content} messages"
 _COMPLETION_HINT = "a conversational completion must be a list with one assistant message"
-_RowEncoder = Callable[[Any, str], tuple[dict, int, int]]
+_EXTRACTED_HINT = " (what is left after the leading messages that chosen and rejected share, taken as the prompt)"
+_TOKENIZE_CHUNK = 2048
+"""Texts per call of the batched tokenizer: a bound on the memory of its intermediate encodings."""
+
+Prompt = str | list[dict]
+_Prepare = Callable[[Any, str], tuple]
+"""(row, where) -> the validated fields of the row; raises DataError (or _IdenticalPair)."""
+_Encode = Callable[[list[tuple], list[str]], list["tuple[dict, int, int] | DataError"]]
+"""(prepared rows, their locations) -> per row (item without index, prompts cut, completions cut) or its error."""
 
 
 @dataclass
@@ -73,6 +86,62 @@ class LoadReport:
     """Preference pairs dropped because chosen and rejected are the same text (no preference signal)."""
     identical_rows: list[str] = field(default_factory=list)
     """Where the first of them are (up to ten), e.g. ``pairs.jsonl: row 7``."""
+
+
+# --------------------------------------------------------------------------- implicit prompts
+
+
+def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[str | list, str | list, str | list]:
+    """Split the longest shared prefix off two completions: ``(prompt, chosen rest, rejected rest)``.
+
+    TRL's rule (``trl.extract_prompt``), for message lists and strings alike: the prompt is the run of
+    leading elements (messages or characters) the two share; a space just before the first difference
+    stays with the completions (``"Q: hi A: yes"`` / ``"Q: hi A: no"`` -> ``"Q: hi A:"``, ``" yes"``,
+    ``" no"``). When one is a prefix of the other, the shorter one keeps its last element. Unlike TRL, a
+    difference at the very first element gives an empty prompt whatever the last character is.
+
+    Example: ``[user, assistant_a]`` and ``[user, assistant_b]`` -> ``([user], [assistant_a], [assistant_b])``.
+    """
+    shared = min(len(chosen), len(rejected))
+    idx = 0
+    for idx in range(shared):
+        if chosen[idx] != rejected[idx]:
+            if idx > 0 and chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def explicit_prompt_row(row: dict) -> dict | None:
+    """A preference row with its prompt made explicit, or None when it already is (or cannot be).
+
+    * ``chosen`` and ``rejected`` are conversations and ``prompt`` is missing or a string (the shape of
+      ``HuggingFaceH4/ultrafeedback_binarized``: the user turn repeated in both): the messages they
+      share become the prompt (:func:`extract_prompt`), as TRL's ``maybe_extract_prompt`` does;
+    * they share no leading message and ``prompt`` is a string: the string becomes the user turn
+      (a plain-text prompt with conversational completions);
+    * ``chosen`` and ``rejected`` are strings and there is no ``prompt``: their shared leading text
+      (TRL's rule for strings, e.g. Anthropic HH's ``"\\n\\nHuman: ... \\n\\nAssistant:"``).
+
+    Anything else is left to validation, with the errors of an explicit row.
+    """
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if _is_conversation(chosen) and _is_conversation(rejected) and (prompt is None or isinstance(prompt, str)):
+        shared, chosen, rejected = extract_prompt(chosen, rejected)
+        if shared:
+            return {**row, "prompt": shared, "chosen": chosen, "rejected": rejected}
+        if isinstance(prompt, str):
+            return {**row, "prompt": [{"role": "user", "content": prompt}]}
+        return None
+    if isinstance(chosen, str) and isinstance(rejected, str) and prompt is None:
+        shared, chosen, rejected = extract_prompt(chosen, rejected)
+        if shared.strip():
+            return {**row, "prompt": shared, "chosen": chosen, "rejected": rejected}
+    return None
 
 
 # --------------------------------------------------------------------------- validation
@@ -101,6 +170,9 @@ def _check_prompt(row: dict, where: str) -> bool:
     """Validate ``row["prompt"]``; return True when it is conversational (a message list)."""
     prompt = row.get("prompt")
     if prompt is None:
+        if "chosen" in row and "rejected" in row:
+            raise DataError(f"{where}: field 'prompt': missing, and chosen and rejected share no leading text or "
+                            "messages to take it from")
         raise DataError(f"{where}: field 'prompt': missing")
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -118,7 +190,7 @@ def _check_prompt(row: dict, where: str) -> bool:
     return True
 
 
-def _completion_text(row: dict, field: str, conversational: bool, where: str) -> str:
+def _completion_text(row: dict, field: str, conversational: bool, where: str, extracted: bool = False) -> str:
     """Validate a completion field against the prompt's format and return its text."""
     value = row.get(field)
     if value is None:
@@ -135,7 +207,7 @@ def _completion_text(row: dict, field: str, conversational: bool, where: str) ->
                 f"{where}: field '{field}': a message list, but 'prompt' is a string (mixed formats)"
             )
         if len(value) != 1 or not _is_message(value[0]) or value[0]["role"] != "assistant":
-            raise DataError(f"{where}: field '{field}': {_COMPLETION_HINT}")
+            raise DataError(f"{where}: field '{field}': {_COMPLETION_HINT}" + (_EXTRACTED_HINT if extracted else ""))
         text = value[0]["content"]
     else:
         raise DataError(f"{where}: field '{field}': {_TYPE_HINT}, got {_type_name(value)}")
@@ -144,47 +216,47 @@ def _completion_text(row: dict, field: str, conversational: bool, where: str) ->
     return text
 
 
-def _preference_texts(row: Any, where: str) -> tuple[bool, str, str]:
+def _preference_fields(row: Any, where: str) -> tuple[Prompt, str, str]:
+    """The prompt (made explicit, see :func:`explicit_prompt_row`) and the chosen and rejected text."""
     _check_row_object(row, where)
+    explicit = explicit_prompt_row(row)
+    row = explicit or row
     conversational = _check_prompt(row, where)
-    chosen = _completion_text(row, "chosen", conversational, where)
-    rejected = _completion_text(row, "rejected", conversational, where)
-    return conversational, chosen, rejected
+    chosen = _completion_text(row, "chosen", conversational, where, explicit is not None)
+    rejected = _completion_text(row, "rejected", conversational, where, explicit is not None)
+    return row["prompt"], chosen, rejected
 
 
 def validate_preference_row(row: Any, *, source: str = "<rows>", row_number: int = 1) -> bool:
     """Raise :class:`DataError` if ``row`` is not a valid preference row; return True if conversational."""
-    return _preference_texts(row, f"{source}: row {row_number}")[0]
+    return isinstance(_preference_fields(row, f"{source}: row {row_number}")[0], list)
 
 
 class _IdenticalPair(Exception):
     """A valid pair whose chosen and rejected are the same text: it is dropped, not an error."""
 
 
-def _pair_texts(row: Any, where: str) -> tuple[str, str]:
-    """Chosen and rejected text of a valid preference row with a preference in it."""
-    _, chosen, rejected = _preference_texts(row, where)
+def _prepare_pair(row: Any, where: str) -> tuple[Prompt, str, str]:
+    """Prompt, chosen and rejected text of a valid preference row with a preference in it."""
+    prompt, chosen, rejected = _preference_fields(row, where)
     if chosen.strip() == rejected.strip():
         raise _IdenticalPair(where)
-    return chosen, rejected
+    return prompt, chosen, rejected
 
 
-def _check_preference_row(row: Any, where: str) -> tuple[dict, int, int]:
-    """The row encoder of a check without a tokenizer: validation only."""
-    _pair_texts(row, where)
-    return {"prompt": row["prompt"]}, 0, 0
-
-
-def _check_prompt_row(row: Any, where: str) -> tuple[dict, int, int]:
+def _prepare_prompt(row: Any, where: str) -> tuple[Prompt]:
+    """The prompt of a prompt-only row, or the explicit prompt of a preference row in a prompt source."""
     _check_row_object(row, where)
+    if not isinstance(row.get("prompt"), list):
+        row = explicit_prompt_row(row) or row
     _check_prompt(row, where)
-    return {"prompt": row["prompt"]}, 0, 0
+    return (row["prompt"],)
 
 
 # --------------------------------------------------------------------------- tokenization
 
 
-def render_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+def render_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> str:
     """Prompt text as the policy sees it: a string as is, messages through the chat template."""
     if isinstance(prompt, str):
         return prompt
@@ -194,17 +266,55 @@ def render_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) 
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _encode_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase, where: str) -> list[int]:
-    # Chat templates already contain their special tokens; raw text gets the tokenizer's own (e.g. BOS).
-    text = render_prompt(prompt, tokenizer)
-    ids = list(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"])
-    if not ids:
-        raise DataError(f"{where}: field 'prompt': no tokens")
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, add_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(text, add_special_tokens=...)["input_ids"]`` for each text, in batched calls.
+
+    A fast tokenizer's Rust backend encodes each chunk of texts on all cores without computing character
+    offsets (``encode_batch_fast``); the preceding ordinary call on one text resets the backend's padding,
+    truncation and special-token settings to the tokenizer's own, so the ids are those of the ordinary
+    call (tested). Other tokenizers take batched ordinary calls.
+    """
+    texts = list(texts)
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    ids: list[list[int]] = []
+    if fast is not None:
+        tokenizer(texts[:1], add_special_tokens=add_special_tokens)  # the backend's settings, as an ordinary call
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        chunk = texts[start : start + _TOKENIZE_CHUNK]
+        if fast is not None:
+            ids += [encoding.ids for encoding in fast(chunk, add_special_tokens=add_special_tokens)]
+        else:
+            ids += [list(row) for row in tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"]]
     return ids
 
 
-def _encode_completion(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+def _prompt_token_ids(prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each prompt, each distinct prompt encoded once (TL;DR has several pairs per post).
+
+    Chat templates already contain their special tokens; raw text gets the tokenizer's own (e.g. BOS).
+    """
+    keys = [p if isinstance(p, str) else json.dumps(p, sort_keys=True, ensure_ascii=False) for p in prompts]
+    unique: dict[str, int] = {}  # key -> position in distinct
+    distinct: list[Prompt] = []
+    for key, prompt in zip(keys, prompts, strict=True):
+        if key not in unique:
+            unique[key] = len(distinct)
+            distinct.append(prompt)
+    ids: list[list[int] | None] = [None] * len(distinct)
+    for conversational in (False, True):
+        group = [i for i, p in enumerate(distinct) if isinstance(p, list) == conversational]
+        texts = [render_prompt(distinct[i], tokenizer) for i in group]
+        for i, row_ids in zip(group, token_ids(tokenizer, texts, add_special_tokens=not conversational), strict=True):
+            ids[i] = row_ids
+    return [ids[unique[key]] for key in keys]
+
+
+def _completion_token_ids(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """A completion is its text without special tokens, followed by EOS (what the policy generates)."""
+    return [[*ids, tokenizer.eos_token_id] for ids in token_ids(tokenizer, texts, add_special_tokens=False)]
 
 
 def _keep_last(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
@@ -219,60 +329,65 @@ def _check_limits(**limits: int | None) -> None:
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
 
 
-def _check_tokenizer(
-    rows: Sequence[Any], tokenizer: PreTrainedTokenizerBase, source: str, *, eos: bool
-) -> None:
-    if eos and tokenizer.eos_token_id is None:
-        raise DataError(f"{source}: the tokenizer has no eos_token_id, which completions end with")
-    conversational = any(isinstance(row, dict) and isinstance(row.get("prompt"), list) for row in rows)
-    if conversational and not getattr(tokenizer, "chat_template", None):
+def _check_chat_template(prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    if any(isinstance(p, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source}: the data is conversational but the tokenizer has no chat template")
 
 
-def _encode_preference_row(
-    row: Any,
-    where: str,
+def _encode_pairs(
+    prepared: list[tuple[Prompt, str, str]],
+    wheres: list[str],
     *,
     tokenizer: PreTrainedTokenizerBase,
+    source: str,
     max_length: int | None,
     max_prompt_length: int | None,
     max_completion_length: int | None,
-) -> tuple[dict, int, int]:
-    """One preference row -> (item without index, prompts truncated, completions truncated)."""
-    chosen_text, rejected_text = _pair_texts(row, where)
-    prompt_ids, prompt_cut = _keep_last(_encode_prompt(row["prompt"], tokenizer, where), max_prompt_length)
-    limit = max_completion_length
-    if max_length is not None:
-        room = max_length - len(prompt_ids)
-        if room < 1:
-            raise DataError(
-                f"{where}: field 'prompt': {len(prompt_ids)} tokens leave no room for a completion "
-                f"within max_length={max_length}"
-            )
-        limit = room if limit is None else min(limit, room)
-    completions = []
-    completions_cut = 0
-    for text in (chosen_text, rejected_text):
-        ids = _encode_completion(text, tokenizer)
-        if limit is not None and len(ids) > limit:
-            ids = ids[:limit]
-            completions_cut += 1
-        completions.append(ids)
-    item = {
-        "prompt_input_ids": prompt_ids,
-        "chosen_input_ids": completions[0],
-        "rejected_input_ids": completions[1],
-        "prompt": row["prompt"],
-    }
-    return item, int(prompt_cut), completions_cut
+) -> list[tuple[dict, int, int] | DataError]:
+    """Tokenize validated pairs in batches -> per pair (item without index, prompt cut, completions cut)."""
+    _check_chat_template([p for p, _, _ in prepared], tokenizer, source)
+    prompt_ids = _prompt_token_ids([p for p, _, _ in prepared], tokenizer)
+    chosen_ids = _completion_token_ids([c for _, c, _ in prepared], tokenizer)
+    rejected_ids = _completion_token_ids([r for _, _, r in prepared], tokenizer)
+    out: list[tuple[dict, int, int] | DataError] = []
+    for (prompt, _, _), where, ids, *completions in zip(prepared, wheres, prompt_ids, chosen_ids, rejected_ids,
+                                                         strict=True):
+        if not ids:
+            out.append(DataError(f"{where}: field 'prompt': no tokens"))
+            continue
+        ids, prompt_cut = _keep_last(ids, max_prompt_length)
+        limit = max_completion_length
+        if max_length is not None:
+            room = max_length - len(ids)
+            if room < 1:
+                out.append(DataError(f"{where}: field 'prompt': {len(ids)} tokens leave no room for a completion "
+                                     f"within max_length={max_length}"))
+                continue
+            limit = room if limit is None else min(limit, room)
+        completions_cut = sum(limit is not None and len(c) > limit for c in completions)
+        if limit is not None:
+            completions = [c[:limit] for c in completions]
+        item = {"prompt_input_ids": ids, "chosen_input_ids": completions[0], "rejected_input_ids": completions[1],
+                "prompt": prompt}
+        out.append((item, int(prompt_cut), completions_cut))
+    return out
 
 
-def _encode_prompt_row(
-    row: Any, where: str, *, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None
-) -> tuple[dict, int, int]:
-    _check_prompt_row(row, where)
-    prompt_ids, prompt_cut = _keep_last(_encode_prompt(row["prompt"], tokenizer, where), max_prompt_length)
-    return {"prompt_input_ids": prompt_ids, "prompt": row["prompt"]}, int(prompt_cut), 0
+def _encode_prompts(
+    prepared: list[tuple[Prompt]], wheres: list[str], *, tokenizer: PreTrainedTokenizerBase, source: str,
+    max_prompt_length: int | None,
+) -> list[tuple[dict, int, int] | DataError]:
+    """Tokenize validated prompts in batches -> per prompt (item without index, prompt cut, 0)."""
+    prompts = [p for (p,) in prepared]
+    _check_chat_template(prompts, tokenizer, source)
+    out: list[tuple[dict, int, int] | DataError] = []
+    for prompt, where, ids in zip(prompts, wheres, _prompt_token_ids(prompts, tokenizer), strict=True):
+        if not ids:
+            out.append(DataError(f"{where}: field 'prompt': no tokens"))
+            continue
+        ids, prompt_cut = _keep_last(ids, max_prompt_length)
+        out.append(({"prompt_input_ids": ids, "prompt": prompt}, int(prompt_cut), 0))
+    return out
 
 
 def _format_name(conversational: bool) -> str:
@@ -283,16 +398,44 @@ def _shorten(wheres: Sequence[str], source: str) -> str:
     return ", ".join(where.removeprefix(f"{source}: ") for where in wheres)
 
 
+def _outcomes(rows: Sequence[Any], wheres: Sequence[str], prepare: _Prepare, encode: _Encode | None,
+              skip_bad_rows: bool) -> list[Any]:
+    """Per row, in order: (item, prompt cut, completions cut), a DataError or an _IdenticalPair.
+
+    Rows are validated one by one, then the valid ones tokenized together (``encode``; None: no
+    tokenizer, the item is the prompt). Without ``skip_bad_rows`` the rows after the first invalid one
+    are neither validated nor tokenized: the error of that row, or of an earlier one, ends the load.
+    """
+    outcomes: list[Any] = []
+    for row, where in zip(rows, wheres, strict=True):
+        try:
+            outcomes.append(prepare(row, where))
+        except _IdenticalPair as exc:
+            outcomes.append(exc)
+        except DataError as exc:
+            outcomes.append(exc)
+            if not skip_bad_rows:
+                break
+    good = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, tuple)]
+    if encode is None:
+        encoded = [({"prompt": outcomes[i][0]}, 0, 0) for i in good]
+    else:
+        encoded = encode([outcomes[i] for i in good], [wheres[i] for i in good]) if good else []
+    for i, result in zip(good, encoded, strict=True):
+        outcomes[i] = result
+    return outcomes
+
+
 def _encode_rows(
     rows: Sequence[Any],
-    encode: _RowEncoder,
+    prepare: _Prepare,
+    encode: _Encode | None,
     *,
     source: str,
     wheres: Sequence[str],
     skip_bad_rows: bool,
-    tokenized: bool = True,
 ) -> tuple[list[dict], LoadReport]:
-    """Run ``encode`` over all rows, skipping or raising on bad ones, and build the report.
+    """Validate and (``encode`` given) tokenize all rows, skipping or raising on bad ones, and build the report.
 
     Pairs with identical chosen and rejected are dropped with a warning. All rows must share one format:
     a conversational row in plain-text data (or the reverse) is an error even with ``skip_bad_rows``.
@@ -306,17 +449,16 @@ def _encode_rows(
     identical: list[str] = []
     first: tuple[bool, str] | None = None  # (conversational, where) of the first good row
     prompts_cut = completions_cut = 0
-    for row, where in zip(rows, wheres, strict=True):
-        try:
-            item, prompt_cut, completion_cut = encode(row, where)
-        except _IdenticalPair:
+    for outcome, where in zip(_outcomes(rows, wheres, prepare, encode, skip_bad_rows), wheres, strict=False):
+        if isinstance(outcome, _IdenticalPair):
             identical.append(where)
             continue
-        except DataError as exc:
+        if isinstance(outcome, DataError):
             if not skip_bad_rows:
-                raise
-            errors.append(exc)
+                raise outcome
+            errors.append(outcome)
             continue
+        item, prompt_cut, completion_cut = outcome
         conversational = isinstance(item["prompt"], list)
         if first is None:
             first = (conversational, where)
@@ -341,7 +483,7 @@ def _encode_rows(
             raise DataError(f"{source}: all {len(rows)} rows are bad (first: {errors[0]})")
         raise DataError(f"{source}: no usable rows: {len(errors)} bad, {len(identical)} with identical chosen and "
                         f"rejected ({_shorten(identical[:5], source)})" + (f"; first bad: {errors[0]}" if errors else ""))
-    if tokenized:
+    if encode is not None:
         logger.info("%s: %d rows kept, %d prompts and %d completions truncated", source, len(items), prompts_cut,
                     completions_cut)
     report = LoadReport(source, len(rows), len(items), len(errors), prompts_cut, completions_cut,
@@ -372,29 +514,32 @@ def tokenize_preference_rows(
     """Validate and tokenize preference rows.
 
     Items: ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of ints),
-    ``prompt`` (the original field) and ``index`` (position in the returned list). Truncation: the
-    prompt keeps its last ``max_prompt_length`` tokens, each completion its first
-    ``max_completion_length``, then completions are cut to fit ``max_length`` after the prompt.
-    ``row_numbers`` gives the 1-based numbers used in messages (default: position + 1);
-    ``row_locations`` replaces ``"<source>: row <n>"`` whole (rows from several files).
-    Pairs whose chosen and rejected are the same text are dropped with a warning (see
-    :class:`LoadReport`); plain-text and conversational rows must not be mixed.
+    ``prompt`` (the prompt field, or the prompt made explicit by :func:`explicit_prompt_row`) and
+    ``index`` (position in the returned list). Truncation: the prompt keeps its last
+    ``max_prompt_length`` tokens, each completion its first ``max_completion_length``, then completions
+    are cut to fit ``max_length`` after the prompt. ``row_numbers`` gives the 1-based numbers used in
+    messages (default: position + 1); ``row_locations`` replaces ``"<source>: row <n>"`` whole (rows
+    from several files). Pairs whose chosen and rejected are the same text are dropped with a warning
+    (see :class:`LoadReport`); plain-text and conversational rows must not be mixed. The valid rows are
+    tokenized together in batched tokenizer calls (:func:`token_ids`), each distinct prompt once.
     """
     _check_limits(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
     )
-    _check_tokenizer(rows, tokenizer, source, eos=True)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{source}: the tokenizer has no eos_token_id, which completions end with")
     encode = partial(
-        _encode_preference_row,
+        _encode_pairs,
         tokenizer=tokenizer,
+        source=source,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
     )
     wheres = _wheres(source, len(rows), row_numbers, row_locations)
-    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)
+    return _encode_rows(rows, _prepare_pair, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)
 
 
 def tokenize_prompt_rows(
@@ -410,14 +555,14 @@ def tokenize_prompt_rows(
     """Validate and tokenize prompt-only rows (other keys are ignored).
 
     Items: ``prompt_input_ids``, ``prompt`` (the original field) and ``index``. A prompt longer than
-    ``max_prompt_length`` keeps its last tokens. ``row_numbers`` and ``row_locations``: as in
-    :func:`tokenize_preference_rows`.
+    ``max_prompt_length`` keeps its last tokens. A preference row whose prompt is implicit gives its
+    explicit prompt (:func:`explicit_prompt_row`), so one source can feed both the pairs and the
+    unlabeled prompts. ``row_numbers`` and ``row_locations``: as in :func:`tokenize_preference_rows`.
     """
     _check_limits(max_prompt_length=max_prompt_length)
-    _check_tokenizer(rows, tokenizer, source, eos=False)
-    encode = partial(_encode_prompt_row, tokenizer=tokenizer, max_prompt_length=max_prompt_length)
+    encode = partial(_encode_prompts, tokenizer=tokenizer, source=source, max_prompt_length=max_prompt_length)
     wheres = _wheres(source, len(rows), row_numbers, row_locations)
-    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)
+    return _encode_rows(rows, _prepare_prompt, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)
 
 
 def load_preference_data(
@@ -425,14 +570,16 @@ def load_preference_data(
     tokenizer: PreTrainedTokenizerBase,
     *,
     split: str = "train",
+    config_name: str | None = None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     skip_bad_rows: bool = False,
 ) -> tuple[list[dict], LoadReport]:
-    """Read ``source`` and tokenize it as preference pairs (see :func:`tokenize_preference_rows`)."""
-    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
-    return tokenize_preference_rows(
+    """Read ``source`` (``config_name``: its configuration, for Hub datasets and dataset folders) and
+    tokenize it as preference pairs (see :func:`tokenize_preference_rows`)."""
+    rows, wheres = read_located_rows(source, split=split, strict=False, config_name=config_name)
+    return tokenize_preference_rows(  # bad rows raise in order here
         rows,
         tokenizer,
         source=source,
@@ -449,12 +596,13 @@ def load_prompt_data(
     tokenizer: PreTrainedTokenizerBase,
     *,
     split: str = "train",
+    config_name: str | None = None,
     max_prompt_length: int | None = None,
     skip_bad_rows: bool = False,
 ) -> tuple[list[dict], LoadReport]:
     """Read ``source`` and tokenize its prompts (see :func:`tokenize_prompt_rows`)."""
-    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
-    return tokenize_prompt_rows(
+    rows, wheres = read_located_rows(source, split=split, strict=False, config_name=config_name)
+    return tokenize_prompt_rows(  # bad rows raise in order here
         rows,
         tokenizer,
         source=source,
@@ -464,7 +612,8 @@ def load_prompt_data(
     )
 
 
-def check_preference_source(source: str, *, split: str = "train", skip_bad_rows: bool = False) -> LoadReport:
+def check_preference_source(source: str, *, split: str = "train", config_name: str | None = None,
+                            skip_bad_rows: bool = False) -> LoadReport:
     """Read and validate every row of a preference source (every file of a folder) without a tokenizer
     or a model, so that a run can check all its data before loading anything heavy.
 
@@ -472,17 +621,16 @@ def check_preference_source(source: str, *, split: str = "train", skip_bad_rows:
     for reasons of its own: a missing chat template, a prompt that leaves no room within
     ``max_length``); the report's truncation counts are 0. Raises :class:`DataError`.
     """
-    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
-    encode = _check_preference_row
-    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows, tokenized=False)[1]
+    rows, wheres = read_located_rows(source, split=split, strict=False, config_name=config_name)
+    return _encode_rows(rows, _prepare_pair, None, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)[1]
 
 
-def check_prompt_source(source: str, *, split: str = "train", skip_bad_rows: bool = False) -> LoadReport:
+def check_prompt_source(source: str, *, split: str = "train", config_name: str | None = None,
+                        skip_bad_rows: bool = False) -> LoadReport:
     """Read and validate every row of a prompt-only source without a tokenizer or a model (see
     :func:`check_preference_source`); rules and messages as :func:`load_prompt_data`."""
-    rows, wheres = read_located_rows(source, split=split, strict=False)  # bad rows raise in order below
-    encode = _check_prompt_row
-    return _encode_rows(rows, encode, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows, tokenized=False)[1]
+    rows, wheres = read_located_rows(source, split=split, strict=False, config_name=config_name)
+    return _encode_rows(rows, _prepare_prompt, None, source=source, wheres=wheres, skip_bad_rows=skip_bad_rows)[1]
 
 
 def prompts_from_preference_rows(rows: Sequence[dict]) -> list[dict]:
@@ -574,11 +722,13 @@ class TrainingData:
     prompts: list[dict] | None  # unlabeled prompts for the online term (HyPO only)
     eval_prompts: list[dict] | None
     judge: str | None
+    eval_pairs: list[dict] | None = None  # held-out pairs (config.eval_dataset) for eval_loss, eval_rewards/*
 
 
 def load_training_data(config, tokenizer: PreTrainedTokenizerBase, *, with_prompts: bool) -> TrainingData:
-    """Pairs, unlabeled prompts (`with_prompts`: the online term needs them) and held-out prompts of a
-    `HyPOConfig`: the bundled task's unless the user gives them."""
+    """Pairs, unlabeled prompts (`with_prompts`: the online term needs them), held-out prompts and held-out
+    pairs of a `HyPOConfig`: the bundled task's unless the user gives them. Each source is read with its
+    split and configuration (subset) name."""
     pairs_source, prompts_source, eval_source, judge = config.dataset, config.prompts, config.eval_prompts, config.judge
     if pairs_source is None:
         from hypo.tasks import get_task
@@ -588,16 +738,24 @@ def load_training_data(config, tokenizer: PreTrainedTokenizerBase, *, with_promp
         prompts_source = prompts_source or str(task.prompts)
         eval_source = eval_source or str(task.eval_prompts)
     lengths = {"max_prompt_length": config.max_prompt_length, "skip_bad_rows": config.skip_bad_rows}
-    pairs, _ = load_preference_data(pairs_source, tokenizer, split=config.dataset_split, max_length=config.max_length,
-                                    max_completion_length=config.max_completion_length, **lengths)
+    pair_lengths = {**lengths, "max_length": config.max_length, "max_completion_length": config.max_completion_length}
+    pairs, _ = load_preference_data(pairs_source, tokenizer, split=config.dataset_split,
+                                    config_name=config.dataset_config, **pair_lengths)
     prompts = None
     if with_prompts and prompts_source:
-        prompts, _ = load_prompt_data(prompts_source, tokenizer, split=config.prompts_split, **lengths)
+        prompts, _ = load_prompt_data(prompts_source, tokenizer, split=config.prompts_split,
+                                      config_name=config.prompts_config, **lengths)
     elif with_prompts:
         prompts, _ = tokenize_prompt_rows(prompts_from_preference_rows(pairs), tokenizer, source=pairs_source,
                                           **lengths)
-    eval_prompts = load_prompt_data(eval_source, tokenizer, **lengths)[0] if eval_source else None
-    return TrainingData(pairs, prompts, eval_prompts, judge)
+    eval_prompts = load_prompt_data(eval_source, tokenizer, split=config.eval_prompts_split,
+                                    config_name=config.eval_prompts_config, **lengths)[0] if eval_source else None
+    eval_pairs = None
+    if config.eval_dataset and (config.eval_at_end or config.eval_steps):
+        eval_pairs, _ = load_preference_data(config.eval_dataset, tokenizer, split=config.eval_dataset_split,
+                                             config_name=config.eval_dataset_config, **pair_lengths)
+        eval_pairs = eval_pairs[: config.eval_max_pairs] if config.eval_max_pairs else eval_pairs
+    return TrainingData(pairs, prompts, eval_prompts, judge, eval_pairs)
 
 
 class ShuffledBatches:

@@ -29,7 +29,10 @@ key: neither the key nor the prompts and answers are sent to a server the user d
 of (model, template, prompt, first answer, second answer), so an interrupted evaluation resumes without
 asking twice. Only the standard library is used.
 
-The prompt template is `TEMPLATE` below.
+The prompt templates are in `TEMPLATES` below (`--judge_template`): `default`, a general pairwise
+comparison answered with one word, and `tldr`, the paper's TL;DR protocol (it follows the DPO paper's GPT-4
+summarization win rate: which summary of the forum post is better, the reply a one-sentence comparison then
+`Preferred: A` or `B`), for the policy's summaries against the reference summaries of the dataset.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,25 @@ shown and their length unless it matters for quality.
 {answer_b}
 
 Answer with exactly one word: A if Response A is better, B if Response B is better, or tie."""
+
+TLDR_TEMPLATE = """Which of the following summaries does a better job of summarizing the most important points in the \
+given forum post, without including unimportant or irrelevant details? A good summary is both precise and concise.
+
+Post:
+{prompt}
+
+Summary A:
+{answer_a}
+
+Summary B:
+{answer_b}
+
+FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why. SECOND, on a new \
+line, state only "A" or "B" to indicate your choice. Your response should use the format:
+Comparison: <one-sentence comparison and explanation>
+Preferred: <"A" or "B">"""
+"""The GPT-4 summarization prompt of the DPO paper (Rafailov et al., 2023, arXiv 2305.18290, appendix), which
+the TL;DR win rates of the HyPO paper follow: the policy's summary against the reference summary."""
 
 _VERDICT_RE = re.compile(r"^(?:response|answer)?\s*(a|b|tie)$")
 _RETRY_CODES = {408, 429, 500, 502, 503, 504}
@@ -81,6 +105,37 @@ def parse_verdict(text: str) -> str | None:
         return None
     verdict = match.group(1)
     return "tie" if verdict == "tie" else verdict.upper()
+
+
+_PREFERRED_RE = re.compile(r"preferred\W*(?:summary|response)?\W*\b(a|b|tie)\b", re.IGNORECASE)
+
+
+def parse_preferred(text: str) -> str | None:
+    """"A", "B" or "tie" from a reply in the `tldr` template's format, the last "Preferred: X" line
+    ("Comparison: A is shorter ...\nPreferred: A", "**Preferred:** \"B\""); a reply of just the verdict
+    is read as `parse_verdict` reads it; None otherwise."""
+    matches = _PREFERRED_RE.findall(text)
+    if matches:
+        verdict = matches[-1].lower()
+        return "tie" if verdict == "tie" else verdict.upper()
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return parse_verdict(lines[-1]) if lines else None
+
+
+@dataclass(frozen=True)
+class JudgeTemplate:
+    """A prompt with `{prompt}`, `{answer_a}` and `{answer_b}`, the parser of its replies, and the reply
+    length it needs."""
+
+    text: str
+    parse: Callable[[str], str | None]
+    max_tokens: int
+
+
+TEMPLATES = {
+    "default": JudgeTemplate(TEMPLATE, parse_verdict, 8),
+    "tldr": JudgeTemplate(TLDR_TEMPLATE, parse_preferred, 256),
+}
 
 
 class _RedirectsAsErrors(urllib.request.HTTPRedirectHandler):
@@ -139,8 +194,9 @@ class LLMJudge:
     """Pairwise judge over an OpenAI-compatible chat endpoint (see the module docstring)."""
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
-                 cache_path: str | Path | None = None, seed: int = 0, template: str = TEMPLATE,
-                 max_retries: int = 4, backoff_seconds: float = 1.0, timeout: float = 60.0, max_tokens: int = 8):
+                 cache_path: str | Path | None = None, seed: int = 0, template: str | JudgeTemplate = TEMPLATE,
+                 max_retries: int = 4, backoff_seconds: float = 1.0, timeout: float = 60.0,
+                 max_tokens: int | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         if urllib.parse.urlsplit(self.url).scheme.lower() not in ("http", "https") or not _origin(self.url)[1]:
             raise ValueError(f"LLM judge base URL must be http(s)://host[:port]/path, got {base_url!r}")
@@ -149,9 +205,12 @@ class LLMJudge:
         if max_retries < 0:
             raise ValueError(f"LLM judge max_retries must be >= 0, got {max_retries!r}")
         self._opener = urllib.request.build_opener(_RedirectsAsErrors)
-        self.model, self.api_key_env, self.seed, self.template = model, api_key_env, seed, template
-        self.max_retries, self.backoff_seconds, self.timeout, self.max_tokens = max_retries, backoff_seconds, \
-            timeout, max_tokens
+        if isinstance(template, str):  # a prompt of the default's reply format
+            template = JudgeTemplate(template, parse_verdict, TEMPLATES["default"].max_tokens)
+        self.model, self.api_key_env, self.seed, self.template = model, api_key_env, seed, template.text
+        self.parse = template.parse
+        self.max_retries, self.backoff_seconds, self.timeout = max_retries, backoff_seconds, timeout
+        self.max_tokens = template.max_tokens if max_tokens is None else max_tokens
         self.cache = VerdictCache(cache_path)
         self.name = f"llm:{model}"
         self.requests = 0  # HTTP requests sent (retries included)
@@ -177,10 +236,10 @@ class LLMJudge:
 
     def _verdict(self, content: str) -> str:
         reply = self._chat(content)
-        verdict = parse_verdict(reply)
+        verdict = self.parse(reply)
         if verdict is None:
             self.unparsed += 1
-            logger.warning("LLM judge reply %r is not A, B or tie; counted as a tie", reply[:80])
+            logger.warning("LLM judge reply %r has no verdict (A, B or tie); counted as a tie", reply[-80:])
             return "tie"
         return verdict
 

@@ -40,18 +40,24 @@ def check_model_path(name_or_path: str, option: str, gguf_file: str | None = Non
 
 
 def check_data(config: HyPOConfig) -> None:
-    """Every row of the pairs, the unlabeled prompts (HyPO) and the held-out prompts."""
+    """Every row of the pairs, the unlabeled prompts (HyPO), the held-out prompts and the held-out pairs."""
     from hypo.data import check_preference_source, check_prompt_source
 
     pairs, prompts, eval_prompts = config.dataset, config.prompts, config.eval_prompts
     if pairs is None:
         task = _task(config)
         pairs, prompts, eval_prompts = str(task.pairs), prompts or str(task.prompts), eval_prompts or str(task.eval_prompts)
-    check_preference_source(pairs, split=config.dataset_split, skip_bad_rows=config.skip_bad_rows)
+    skip = config.skip_bad_rows
+    check_preference_source(pairs, split=config.dataset_split, config_name=config.dataset_config, skip_bad_rows=skip)
     if config.method == "hypo" and prompts:
-        check_prompt_source(prompts, split=config.prompts_split, skip_bad_rows=config.skip_bad_rows)
-    if eval_prompts and (config.eval_at_end or config.eval_steps):
-        check_prompt_source(eval_prompts, skip_bad_rows=config.skip_bad_rows)
+        check_prompt_source(prompts, split=config.prompts_split, config_name=config.prompts_config, skip_bad_rows=skip)
+    evaluates = config.eval_at_end or config.eval_steps
+    if eval_prompts and evaluates:
+        check_prompt_source(eval_prompts, split=config.eval_prompts_split, config_name=config.eval_prompts_config,
+                            skip_bad_rows=skip)
+    if config.eval_dataset and evaluates:
+        check_preference_source(config.eval_dataset, split=config.eval_dataset_split,
+                                config_name=config.eval_dataset_config, skip_bad_rows=skip)
 
 
 def check_judge(name: str) -> None:
