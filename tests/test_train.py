@@ -211,3 +211,15 @@ def test_embedded_default_model_trains_and_evaluates(tmp_path):
     assert metrics["num_prompts"] == 4 and metrics["num_completions"] == 4
     assert result.final_metrics["completions/mean_length"] > 0
     assert AutoModelForCausalLM.from_pretrained(result.model_dir).config.model_type == "llama"
+
+
+def test_held_out_pairs_are_evaluated_during_training_and_the_card_is_written(tiny_model_dir, tiny_task, tmp_path):
+    result = train(_config(tiny_model_dir, tiny_task, tmp_path, "pairs", method="dpo", max_steps=2, eval_steps=1,
+                           eval_dataset=str(tiny_task["pairs"]), eval_dataset_split="train"))
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    pair_records = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in pair_records] == [1, 2]  # periodic at 1, final at 2
+    assert pair_records[0]["eval_loss"] > pair_records[1]["eval_loss"]  # training on these pairs lowers it
+    assert pair_records[1]["eval_rewards/margins"] > 0
+    card = (result.model_dir / "README.md").read_text()
+    assert "hypo" in card and f"{pair_records[1]['eval_loss']:.3f}"[:4] in card and result.hub_url is None

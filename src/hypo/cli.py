@@ -104,6 +104,8 @@ def run_train(argv: list[str]) -> int:
         print(f"  last step: loss {m['loss']:.4f}, reward margin {m['rewards/margins']:.3f}, "
               f"accuracy {m['rewards/accuracies']:.2f}"
               + (f", objective/kl {m['objective/kl']:.3f}" if "objective/kl" in m else ""))
+    if result.hub_url:
+        print(f"  hub:      {result.hub_url}")
     if result.eval:
         print(f"  results:  {result.output_dir / 'eval_results.json'}")
         for line in format_summary(result.eval["metrics"], settings):

@@ -56,6 +56,7 @@ class RunResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
     eval: dict[str, Any] | None = None
     is_main_process: bool = True
+    hub_url: str | None = None
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], config: HyPOConfig, device: torch.device):
@@ -126,7 +127,8 @@ def train(config: HyPOConfig) -> RunResult:
         skip_model_weights,
     )
     from hypo.data import PairCollator, PromptCollator, ShuffledBatches, load_training_data
-    from hypo.evaluate import evaluate_during_training
+    from hypo.evaluate import evaluate_during_training, evaluate_pairs
+    from hypo.hub import share_trained_model
     from hypo.models import load_policy_and_reference
     from hypo.preflight import check_run_inputs
     from hypo.sampling import stop_token_ids
@@ -238,9 +240,13 @@ def train(config: HyPOConfig) -> RunResult:
             if stopping:
                 run_logger.close()
                 raise TrainingInterrupted(stop.signal, step, saved)
-        if config.eval_steps and step % config.eval_steps == 0 and data.eval_prompts and \
+        if config.eval_steps and step % config.eval_steps == 0 and \
                 not (step == total_steps and config.eval_at_end):  # the final evaluation covers the last step
-            evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step)
+            if data.eval_prompts:  # samples: reverse KL, judged win rate
+                evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step)
+            if data.eval_pairs:  # held-out pairs: eval_loss, eval_rewards/* (every process joins)
+                run_logger.log(evaluate_pairs(ctx, data.eval_pairs, batch_size=config.per_device_eval_batch_size,
+                                              accelerator=accelerator), step)
     stop.restore()
     seconds = time.perf_counter() - start
 
@@ -252,6 +258,15 @@ def train(config: HyPOConfig) -> RunResult:
     if config.eval_at_end and data.eval_prompts:
         result.eval = evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger,
                                                total_steps, final=True, output_dir=output_dir)
+    pair_metrics = None
+    if config.eval_at_end and data.eval_pairs:
+        pair_metrics = evaluate_pairs(ctx, data.eval_pairs, batch_size=config.per_device_eval_batch_size,
+                                      accelerator=accelerator)
+        run_logger.log(pair_metrics, total_steps)
+    if accelerator.is_main_process:  # the model card; with push_to_hub, the upload
+        result.hub_url = share_trained_model(config, model_dir, output_dir=output_dir, eval_results=result.eval,
+                                             pair_metrics=pair_metrics, final_metrics=final_metrics,
+                                             num_processes=accelerator.num_processes)
     run_logger.close()
     accelerator.wait_for_everyone()
     return result
