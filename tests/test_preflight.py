@@ -56,3 +56,15 @@ def test_model_names_shaped_like_hub_ids_are_left_to_the_hub(tmp_path):
     for missing in ("./models/mine", "/abs/path/model", "weights.gguf", "a/b/c"):
         with pytest.raises(FileNotFoundError):
             check_model_path(missing, "model_name_or_path")
+
+
+def test_a_checkpoint_as_the_model_of_a_new_run_is_flagged(tiny_model_dir, tiny_task, tmp_path, caplog):
+    import logging
+
+    run = train(_config(tiny_model_dir, tiny_task, tmp_path, method="dpo", max_steps=2, save_steps=1,
+                        eval_at_end=False))
+    checkpoint = run.output_dir / "checkpoint-1"
+    with caplog.at_level(logging.WARNING, logger="hypo.preflight"):
+        train(_config(checkpoint, tiny_task, tmp_path, method="dpo", max_steps=1, eval_at_end=False,
+                      output_dir=str(tmp_path / "new")))
+    assert f"--ref_model_name_or_path {tiny_model_dir}" in caplog.text and "--resume_from_checkpoint" in caplog.text

@@ -17,6 +17,7 @@ def check_run_inputs(config: HyPOConfig) -> None:
     check_model_path(config.model_name_or_path, "model_name_or_path", config.gguf_file)
     if config.ref_model_name_or_path:
         check_model_path(config.ref_model_name_or_path, "ref_model_name_or_path")
+    warn_if_checkpoint_starts_a_new_run(config)
     check_data(config)
     judge = config.judge if config.judge or config.dataset else _task(config).judge
     if judge:
@@ -76,3 +77,20 @@ def _task(config: HyPOConfig):
     from hypo.tasks import get_task
 
     return get_task(config.task)
+
+
+def warn_if_checkpoint_starts_a_new_run(config: HyPOConfig) -> None:
+    """A hypo checkpoint given as the model of a new run also becomes its reference (not the initial model
+    of the run that made it): say so, and how to continue that run or keep its reference."""
+    import json
+    import logging
+
+    path = Path(config.model_name_or_path)
+    if config.ref_model_name_or_path or config.use_peft or not (path / "training_state").is_dir():
+        return
+    run_config = path.parent / "config.json"
+    initial = json.loads(run_config.read_text()).get("model_name_or_path") if run_config.is_file() else None
+    logging.getLogger(__name__).warning(
+        "%s is a checkpoint of a hypo run: a new run starting from it also takes it as the reference. To continue "
+        "that run use --resume_from_checkpoint %s; to keep its reference pass --ref_model_name_or_path %s",
+        path, path, initial or "<the run's initial model>")
