@@ -50,14 +50,18 @@ def _default(name: str):
     return HyPOConfig.__dataclass_fields__[name].default
 
 
-def train_parser():
+def config_parser(config_class, prog: str, description: str):
+    """The flags of a typed config dataclass, plus `--config` (a YAML or JSON file of the same options)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(HyPOConfig, prog="hypo train",
-                              description="Fine-tune a causal LM with HyPO or DPO. Options may also come from "
-                                          "--config (YAML or JSON); flags given here override the file.")
+    parser = HfArgumentParser(config_class, prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML or JSON file of options (the same names as the flags).")
     return parser
+
+
+def train_parser():
+    return config_parser(HyPOConfig, "hypo train", "Fine-tune a causal LM with HyPO or DPO. Options may also come "
+                         "from --config (YAML or JSON); flags given here override the file.")
 
 
 def parse_train_args(argv: list[str]) -> HyPOConfig:
@@ -265,15 +269,10 @@ def run_report(argv: list[str]) -> int:
 
 
 def sft_parser():
-    from transformers import HfArgumentParser
-
     from hypo.sft import SFTRunConfig
 
-    parser = HfArgumentParser(SFTRunConfig, prog="hypo sft",
-                              description="Supervised fine-tuning with TRL's SFTTrainer (the SFT step of the "
-                                          "recipes). Options may also come from --config (YAML or JSON).")
-    parser.add_argument("--config", default=None, help="YAML or JSON file of options (the same names as the flags).")
-    return parser
+    return config_parser(SFTRunConfig, "hypo sft", "Supervised fine-tuning with TRL's SFTTrainer (the SFT step of "
+                         "the recipes). Options may also come from --config (YAML or JSON).")
 
 
 def run_sft(argv: list[str]) -> int:
