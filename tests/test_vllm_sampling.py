@@ -118,10 +118,13 @@ def test_choices_are_ordered_by_index_and_checked_against_their_prompt():
 # --- weights ---------------------------------------------------------------------------------------------------
 
 
-def test_tied_weights_are_written_once_and_read_back(tmp_path, tiny_tokenizer):
+def test_tied_weights_are_written_under_both_names_and_read_back(tmp_path, tiny_tokenizer):
+    """vLLM's CPU backend needs lm_head.weight in the file even when tied (see `vllm_state_dict`)."""
     model = build_model(tiny_tokenizer, tie_word_embeddings=True)
     state = vllm_state_dict(model)
-    assert "model.embed_tokens.weight" in state and "lm_head.weight" not in state
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    assert state["lm_head.weight"].data_ptr() != state["model.embed_tokens.weight"].data_ptr()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # the model stays tied
     tensors, size = write_weights(state, tmp_path)
     from safetensors.torch import load_file
 
@@ -151,8 +154,8 @@ def test_lora_is_pushed_merged_without_touching_the_policy(tiny_tokenizer):
     merged = vllm_state_dict(policy)
     assert not any("lora" in k or "base_layer" in k for k in merged)
     plain = build_model(tiny_tokenizer, seed=5)
-    missing, unexpected = plain.load_state_dict(merged, strict=False)
-    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
+    missing, unexpected = plain.load_state_dict(merged, strict=True)
+    assert unexpected == missing == []
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         expected, got = policy(input_ids=ids).logits, plain(input_ids=ids).logits
@@ -161,7 +164,7 @@ def test_lora_is_pushed_merged_without_touching_the_policy(tiny_tokenizer):
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, base, atol=1e-3)  # the adapters do change the outputs
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    assert merged_lora_state_dict(policy).keys() - merged.keys() == {"lm_head.weight"}  # tied: written once
+    assert merged_lora_state_dict(policy).keys() == merged.keys()
 
 
 # --- a fake server on 127.0.0.1 -------------------------------------------------------------------------------
@@ -347,8 +350,8 @@ def test_config_refuses_inconsistent_vllm_settings(kwargs, message):
 
 def test_colocate_engine_arguments_outputs_and_weight_loading(monkeypatch, tiny_tokenizer):
     """The engine runs in this process (external_launcher), ignores the model's generation config, reports the
-    sampled distribution's log-probs; outputs map to rows as the server's do; weights go to the driver
-    worker's model, then the prefix cache is cleared."""
+    sampled distribution's log-probs; outputs map to rows as the server's do; weights go to the worker's
+    reload_weights as tensors, then the prefix cache is cleared."""
     calls = {}
 
     class Logprob:
@@ -358,11 +361,10 @@ def test_colocate_engine_arguments_outputs_and_weight_loading(monkeypatch, tiny_
     class LLM:
         def __init__(self, **kwargs):
             calls["init"] = kwargs
-            self.engine_model = types.SimpleNamespace(load_weights=lambda weights: calls.setdefault("loaded",
-                                                                                                  dict(weights)))
-            runner = types.SimpleNamespace(model=self.engine_model)
-            executor = types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner))
-            self.llm_engine = types.SimpleNamespace(model_executor=executor)
+
+        def collective_rpc(self, method, kwargs):
+            assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
+            calls["loaded"] = dict(kwargs["weights_iterator"])
 
         def generate(self, prompts, params, use_tqdm):
             calls["generate"] = (prompts, params)

@@ -220,8 +220,13 @@ def merged_lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
 
 def vllm_state_dict(model_or_state_dict) -> dict[str, torch.Tensor]:
     """What the engine loads: a state dict as given (e.g. the full weights gathered under sharding), or a
-    model's (LoRA merged, see `merged_lora_state_dict`), under Hugging Face names, each tensor once (tied
-    embeddings are shared tensors: vLLM's loader takes the embedding and ties the output layer itself)."""
+    model's (LoRA merged, see `merged_lora_state_dict`), under Hugging Face names.
+
+    Tied weights are written under every name, the output layer included: vLLM's CPU backend keeps its own
+    packed copy of a tied output layer, and a reload that carries only the embedding leaves that copy stale
+    (measured with SmolLM2-135M: per-token log-probs 0.5 nats off the updated policy without
+    `lm_head.weight` in the file, 4e-5 with it). Where the two share memory the engine loads it twice.
+    """
     if isinstance(model_or_state_dict, dict):
         state_dict = model_or_state_dict
     elif hasattr(model_or_state_dict, "get_base_model") and hasattr(model_or_state_dict, "peft_config"):
@@ -233,11 +238,8 @@ def vllm_state_dict(model_or_state_dict) -> dict[str, torch.Tensor]:
         tensor = tensor.detach()
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) \
             if tensor.device.type != "meta" else None
-        if key is not None and key in seen:
-            continue  # a tied weight: the same tensor under a second name
-        if key is not None:
-            seen.add(key)
-        out[name] = tensor
+        out[name] = tensor.clone() if key in seen else tensor  # safetensors refuses tensors that share memory
+        seen.add(key)
     return out
 
 
@@ -423,7 +425,8 @@ class VLLMColocate:
     engine keeps its own copy of the weights, loaded from the policy after each optimizer step.
 
     `distributed_executor_backend="external_launcher"` keeps the engine in this process (no engine
-    subprocess), so its model is reachable and every training process runs its own engine on its own prompts.
+    subprocess), so weights are handed over as tensors and every training process runs its own engine on its
+    own prompts.
     """
 
     def __init__(self, model_path: str, *, max_model_len: int, gpu_memory_utilization: float = 0.3,
@@ -461,12 +464,18 @@ class VLLMColocate:
                                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
     def push_weights(self, model_or_state_dict) -> WeightPush:
-        """Load the policy's weights into the engine's model (vLLM's `load_weights` renames and fuses them),
-        then clear the prefix cache."""
+        """Load the policy's weights into the engine's model, then clear the prefix cache.
+
+        Through the worker's `reload_weights` (in this process: the tensors are passed, not copied to a file),
+        which runs the model's `load_weights` (renaming and fusing q/k/v, gate/up) and then redoes each
+        layer's post-load processing. TRL calls the driver worker's `model.load_weights` directly, which skips
+        that processing: fine where kernels read the weights as loaded (unquantized on CUDA), stale where a
+        backend keeps a processed copy (the CPU backend packs every linear layer).
+        """
         state_dict = vllm_state_dict(model_or_state_dict)
         start = time.perf_counter()
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights(state_dict.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items()),
+                                                          "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         size = sum(t.numel() * t.element_size() for t in state_dict.values())
         return WeightPush(len(state_dict), size, 0.0, time.perf_counter() - start)
