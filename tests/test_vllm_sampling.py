@@ -195,6 +195,8 @@ class FakeVLLM:
                     return self._send(200, {}) if fake.mode != "unhealthy" else self._send(503, {"error": "starting"})
                 if self.path == "/v1/models":
                     return self._send(200, {"data": [{"id": "policy", "max_model_len": fake.max_model_len}]})
+                if self.path == "/server_info" and fake.mode != "no-dev":
+                    return self._send(200, {"vllm_config": "model='m', dtype=torch.bfloat16, max_seq_len=1024"})
                 self._send(404, {"detail": "Not Found"})
 
             def do_POST(self):
@@ -252,6 +254,10 @@ def test_client_samples_and_pushes_weights(fake, tmp_path, tiny_tokenizer):
     assert path == "/v1/completions" and body["prompt"] == [[11, 12], [13, 14, 15]] and body["model"] == "policy"
     assert body["stop_token_ids"] == [EOS, OTHER_STOP] and body["max_tokens"] == 4 and body["temperature"] == 1.0
     push = client.push_weights(build_model(tiny_tokenizer))
+    from safetensors.torch import load_file
+
+    written = load_file(tmp_path / "weights" / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}  # the server's dtype: half the bytes
     assert fake.reloads == [{"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path / "weights")}}]
     assert [p for p, _ in fake.requests[-2:]] == ["/collective_rpc", "/reset_prefix_cache"]
     assert push.tensors > 0 and push.bytes > 0 and push.seconds >= push.write_seconds > 0
@@ -259,12 +265,14 @@ def test_client_samples_and_pushes_weights(fake, tmp_path, tiny_tokenizer):
     assert (tmp_path / "weights").is_dir()  # a folder the user gave is kept
 
 
-def test_own_weights_folder_is_removed_on_close(fake, tiny_tokenizer):
+def test_own_weights_folder_is_made_at_the_first_push_and_removed_on_close(fake):
     client = VLLMServerClient(fake.url, timeout=10)
+    assert client._weights_dir is None  # a process that never pushes makes no folder
     client.push_weights({"w": torch.ones(2)})
-    assert (client.weights_dir / "model.safetensors").is_file()
+    folder = client.weights_dir
+    assert (folder / "model.safetensors").is_file()
     client.close()
-    assert not client.weights_dir.exists()
+    assert not folder.exists()
 
 
 def test_server_down_names_the_url():
@@ -299,9 +307,12 @@ def test_server_that_dies_mid_run(fake, tmp_path):
 
 
 def test_server_without_development_endpoints_is_explained(fake, tmp_path):
+    """Refused when connecting (before any training step), and at a push."""
     fake.mode = "no-dev"
     client = VLLMServerClient(fake.url, timeout=5, weights_dir=tmp_path)
-    with pytest.raises(VLLMServerError, match="HTTP 404 .*VLLM_SERVER_DEV_MODE=1"):
+    with pytest.raises(VLLMServerError, match="/server_info answered HTTP 404 .*VLLM_SERVER_DEV_MODE=1"):
+        client.wait_until_ready()
+    with pytest.raises(VLLMServerError, match="/collective_rpc answered HTTP 404 .*VLLM_SERVER_DEV_MODE=1"):
         client.push_weights({"w": torch.ones(2)})
 
 
@@ -330,6 +341,22 @@ def test_config_builds_a_server_client(fake, tmp_path):
     client = make_vllm_sampler(config, "unused")
     assert isinstance(client, VLLMServerClient)
     assert (client.base_url, client.timeout, client.weights_dir, client.model) == (fake.url, 7.0, tmp_path, "policy")
+
+
+def test_push_policy_main_process_pushes_to_a_server_and_everyone_waits(fake, tmp_path, tiny_tokenizer):
+    from hypo.vllm_sampling import push_policy
+
+    waits = []
+    policy = build_model(tiny_tokenizer)
+    client = VLLMServerClient(fake.url, timeout=5, weights_dir=tmp_path).wait_until_ready()
+
+    def accelerator(main):
+        return types.SimpleNamespace(unwrap_model=lambda m: m, is_main_process=main,
+                                     wait_for_everyone=lambda: waits.append(main))
+
+    assert push_policy(accelerator(False), policy, client) is None and fake.reloads == []
+    push = push_policy(accelerator(True), policy, client)
+    assert push.tensors == len(policy.state_dict()) and len(fake.reloads) == 1 and waits == [False, True]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -384,7 +411,9 @@ def test_colocate_engine_arguments_outputs_and_weight_loading(monkeypatch, tiny_
     fake_vllm = types.ModuleType("vllm")
     fake_vllm.LLM, fake_vllm.SamplingParams = LLM, lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
-    monkeypatch.setenv("RANK", "3")
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "3"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29999")):  # as under accelerate launch; restored after the test
+        monkeypatch.setenv(name, value)
     engine = VLLMColocate("some/model", max_model_len=256, gpu_memory_utilization=0.25, seed=10)
     init = calls["init"]
     assert init["distributed_executor_backend"] == "external_launcher" and init["generation_config"] == "vllm"

@@ -59,6 +59,7 @@ def test_server_samples_match_the_policy_before_and_after_weight_pushes(served, 
     server, path = served
     tokenizer, policy, stops, items = _policy_and_prompts(path)
     client = VLLMServerClient(server.url, timeout=600, weights_dir=tmp_path / "weights").wait_until_ready()
+    assert client.weights_dtype == torch.float32 and client.max_model_len == 512  # read from the server
     push = client.push_weights(policy)  # before the first step: the engine holds the policy's weights
     assert push.tensors == 273 and push.bytes > 6e8  # 30 layers x 9 + embedding + norm + the tied output layer
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-4)
@@ -74,6 +75,8 @@ def test_server_samples_match_the_policy_before_and_after_weight_pushes(served, 
         assert largest < TOLERANCE, (step, largest)
         if before is not None:  # the samples are the updated policy's, not the previous weights'
             largest_old, mean_old = _per_token_gap(before, samples)
+            print(f"step {step}: against the weights before the last optimizer step: max {largest_old:.2e}, "
+                  f"mean {mean_old:.2e}")
             assert mean_old > 20 * max(mean, 1e-5) and largest_old > 10 * TOLERANCE, (largest_old, mean_old)
         # one optimizer step (raise the samples' likelihood: any update that moves the distribution will do)
         before = copy.deepcopy(policy)

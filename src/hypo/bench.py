@@ -362,6 +362,8 @@ def run_vllm_sampling(settings: BenchSettings) -> dict[str, Any]:
     from hypo.vllm_server import start_vllm_server
 
     config, device = settings.config, _device()
+    if config.num_threads:  # both sides get as many cores: this process's torch, the CPU server's OpenMP
+        torch.set_num_threads(config.num_threads)
     path = resolve_model_path(config.model_name_or_path, config.gguf_file)
     tokenizer, policy = load_tokenizer(path), load_causal_lm(path, config.dtype).to(device).eval()
     stops = stop_token_ids(policy, tokenizer)
@@ -375,7 +377,7 @@ def run_vllm_sampling(settings: BenchSettings) -> dict[str, Any]:
         if url is None:
             started = stack.enter_context(start_vllm_server(
                 path, dtype="float32" if device.type == "cpu" else "auto",
-                max_model_len=config.max_prompt_length + config.max_completion_length))
+                max_model_len=config.max_prompt_length + config.max_completion_length, threads=config.num_threads))
             url = started.url
         client = VLLMServerClient(url, timeout=config.vllm_server_timeout,
                                   weights_dir=config.vllm_server_weights_dir).wait_until_ready()
@@ -405,6 +407,7 @@ def run_vllm_sampling(settings: BenchSettings) -> dict[str, Any]:
         "time/weight_push": median("push"), "time/weight_push_write": median("push_write"),
         "time/weight_push_reload": median("push_reload"), "time/generation_transformers": median("transformers"),
         "decode_steps": median("decode_steps"), "logprob_gap_max": max(r["gap_max"] for r in records),
+        "torch_threads": torch.get_num_threads(),
     }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -283,11 +284,19 @@ class VLLMServerClient:
                  weights_dtype: torch.dtype | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self._weights_dir = Path(weights_dir) if weights_dir is not None else None
         self._own_weights_dir = weights_dir is None
-        self.weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         self.weights_dtype = weights_dtype
         self.model: str | None = None
         self.max_model_len: int | None = None
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where pushes are written; the default folder is made at the first use (processes that never push
+        make none)."""
+        if self._weights_dir is None:
+            self._weights_dir = default_weights_dir()
+        return self._weights_dir
 
     # transport
 
@@ -304,7 +313,7 @@ class VLLMServerClient:
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:800]
             hint = (" (the server needs VLLM_SERVER_DEV_MODE=1 for this development endpoint)"
-                    if exc.code == 404 and path in ("/collective_rpc", "/reset_prefix_cache") else "")
+                    if exc.code == 404 and path in ("/collective_rpc", "/reset_prefix_cache", "/server_info") else "")
             raise VLLMServerError(f"vLLM server {self.base_url}: {what}: {method} {path} answered HTTP {exc.code}"
                                   f"{hint}: {detail}") from None
         except TimeoutError as exc:
@@ -332,7 +341,10 @@ class VLLMServerClient:
 
     def wait_until_ready(self, timeout: float | None = None) -> VLLMServerClient:
         """Poll `/health` until the server answers (up to `timeout`, default the client's), then read the
-        served model's name and context length from `/v1/models`."""
+        served model's name and context length from `/v1/models`, and its dtype from `/server_info` (a
+        development endpoint: a server without them fails here, before training, not at the first push).
+        Pushed weights are written in the server's dtype (the engine would cast them anyway): half the bytes
+        for a bfloat16 server."""
         timeout = self.timeout if timeout is None else timeout
         deadline, last = time.monotonic() + timeout, None
         while True:
@@ -351,6 +363,10 @@ class VLLMServerClient:
             self.model, self.max_model_len = entry["id"], entry.get("max_model_len")
         except (KeyError, IndexError, TypeError):
             raise VLLMServerError(f"vLLM server {self.base_url}: /v1/models lists no model: {models!r}"[:500]) from None
+        info = self._request("GET", "/server_info", "checking for the development endpoints that reload weights")
+        match = re.search(r"\bdtype=torch\.(\w+)", str((info or {}).get("vllm_config", "")))
+        if self.weights_dtype is None and match and isinstance(getattr(torch, match[1], None), torch.dtype):
+            self.weights_dtype = getattr(torch, match[1])
         return self
 
     def check_length(self, longest_prompt: int, max_new_tokens: int) -> None:
@@ -413,8 +429,9 @@ class VLLMServerClient:
 
     def close(self) -> None:
         """Remove the weights folder if this client made it."""
-        if self._own_weights_dir:
-            shutil.rmtree(self.weights_dir, ignore_errors=True)
+        if self._own_weights_dir and self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+            self._weights_dir = None
 
 
 # --- colocate mode ------------------------------------------------------------------------------------------
@@ -488,6 +505,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def push_policy(accelerator, policy, sampler) -> WeightPush | None:
+    """Put the policy's current weights into the vLLM engine; every process calls it (before the first step
+    and after each optimizer step), and all wait until the push is done. Returns the push on the processes
+    that made one.
+
+    Server mode: the main process pushes (under FSDP2 / ZeRO-3 the full weights are gathered to it first, a
+    collective). Colocate mode: each process loads its own engine (unsharded policies only: under sharding
+    only the main process holds the full weights, so use server mode there). LoRA policies push merged
+    weights (unsharded only).
+    """
+    from hypo.distributed import full_state_dict, is_sharded
+
+    model = accelerator.unwrap_model(policy)
+    sharded = is_sharded(model)
+    if sharded and hasattr(model, "peft_config"):
+        raise NotImplementedError("vLLM weight pushes of a LoRA policy under FSDP2 / ZeRO-3 (merged weights of a "
+                                  "sharded adapter) are not supported; train LoRA unsharded")
+    if sharded and not isinstance(sampler, VLLMServerClient):
+        raise NotImplementedError("vllm_mode colocate with a sharded policy: only the main process gathers the "
+                                  "full weights; use vllm_mode server")
+    weights = full_state_dict(accelerator, policy) if sharded else model  # collective when sharded
+    push = None
+    if accelerator.is_main_process or not isinstance(sampler, VLLMServerClient):
+        push = sampler.push_weights(weights)
+    accelerator.wait_for_everyone()  # no process samples before the engine holds the new weights
+    return push
 
 
 def make_vllm_sampler(config, model_path: str, *, seed: int | None = None):

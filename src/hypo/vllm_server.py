@@ -39,13 +39,15 @@ def server_command(python: str | Path, model_path: str, *, host: str, port: int,
             "--max-model-len", str(max_model_len), "--generation-config", "vllm", *extra_args]
 
 
-def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+def server_environment(base: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
     """The environment of a server process: development endpoints on (weight reloads); for the CPU build, a
-    1 GiB KV cache and OpenMP threads on every core this process may use, unless already set."""
+    1 GiB KV cache and OpenMP threads on every core this process may use (the first `threads` of them if
+    given), unless already set."""
     env = dict(os.environ if base is None else base)
     env["VLLM_SERVER_DEV_MODE"] = "1"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
     return env
 
 
@@ -85,7 +87,8 @@ class VLLMServerProcess:
 
 def start_vllm_server(model_path: str, *, python: str | Path | None = None, port: int | None = None,
                       max_model_len: int = 1024, dtype: str = "auto", timeout: float = 900.0,
-                      log_path: str | Path | None = None, extra_args: Sequence[str] = ()) -> VLLMServerProcess:
+                      log_path: str | Path | None = None, extra_args: Sequence[str] = (),
+                      threads: int | None = None) -> VLLMServerProcess:
     """Start a server on 127.0.0.1 and wait until it answers (`timeout` seconds; on the CPU build the first
     start compiles the model, about 2-3 minutes on 2 cores, later starts reuse vLLM's compile cache)."""
     python = python or vllm_python()
@@ -98,7 +101,7 @@ def start_vllm_server(model_path: str, *, python: str | Path | None = None, port
     command = server_command(python, model_path, host="127.0.0.1", port=port, max_model_len=max_model_len,
                              dtype=dtype, extra_args=extra_args)
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(),
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(threads=threads),
                                    start_new_session=True)
     server = VLLMServerProcess(process, url, log_path)
     client = VLLMServerClient(url, timeout=timeout)
