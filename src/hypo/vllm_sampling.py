@@ -24,6 +24,7 @@ what was being done; nothing falls back to another backend. See docs/vllm.md.
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
@@ -296,6 +297,7 @@ class VLLMServerClient:
         make none)."""
         if self._weights_dir is None:
             self._weights_dir = default_weights_dir()
+            atexit.register(shutil.rmtree, self._weights_dir, True)  # /dev/shm is memory: never leave it behind
         return self._weights_dir
 
     # transport
