@@ -69,6 +69,7 @@ class BenchSettings:
     fewer_prompts: tuple[int, ...] = (2, 1)
     trl: bool = True
     weights_changed: bool = False
+    vllm: bool = False
 
     @property
     def steps(self) -> int:
@@ -338,13 +339,85 @@ def run_trl_rloo(settings: BenchSettings) -> dict[str, Any]:
     return {"steps": len(timer.times), "time/step": _median_after_warmup(timer.times, settings.warmup_steps)}
 
 
+# --- vLLM sampling ------------------------------------------------------------------------------------------
+
+
+def run_vllm_sampling(settings: BenchSettings) -> dict[str, Any]:
+    """The online sampling of a HyPO step through a vLLM server (`--vllm_server_base_url`, else one started
+    here from .venv-vllm), next to transformers' generate on the same prompts in this process: per step, a
+    push of the policy's full weights (counted in the step, as the loop pays it after each optimizer step),
+    then k samples per prompt. Also the per-token gap between vLLM's log-probs and our forward's.
+
+    The training loop is not involved: the policy does not change between steps (a push costs the same)."""
+    import contextlib
+
+    import torch
+
+    from hypo.data import PromptCollator, load_prompt_data
+    from hypo.logprobs import completion_per_token_logps
+    from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.sampling import generate_completions, stop_token_ids
+    from hypo.tasks import get_task
+    from hypo.vllm_sampling import VLLMServerClient
+    from hypo.vllm_server import start_vllm_server
+
+    config, device = settings.config, _device()
+    if config.num_threads:  # both sides get as many cores: this process's torch, the CPU server's OpenMP
+        torch.set_num_threads(config.num_threads)
+    path = resolve_model_path(config.model_name_or_path, config.gguf_file)
+    tokenizer, policy = load_tokenizer(path), load_causal_lm(path, config.dtype).to(device).eval()
+    stops = stop_token_ids(policy, tokenizer)
+    items, _ = load_prompt_data(config.prompts or str(get_task(config.task).prompts), tokenizer,
+                                max_prompt_length=config.max_prompt_length)
+    size = config.per_device_prompt_batch_size
+    batches = [PromptCollator(tokenizer.pad_token_id)(items[(i * size) % len(items):][:size])
+               for i in range(settings.steps)]
+    with contextlib.ExitStack() as stack:
+        url, started = config.vllm_server_base_url, None
+        if url is None:
+            started = stack.enter_context(start_vllm_server(
+                path, dtype="float32" if device.type == "cpu" else "auto",
+                max_model_len=config.max_prompt_length + config.max_completion_length, threads=config.num_threads))
+            url = started.url
+        client = VLLMServerClient(url, timeout=config.vllm_server_timeout,
+                                  weights_dir=config.vllm_server_weights_dir).wait_until_ready()
+        stack.callback(client.close)
+        records = []
+        for batch in batches:
+            ids, mask = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
+            args = dict(num_generations=config.num_generations, max_new_tokens=config.max_completion_length,
+                        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            push = client.push_weights(policy)
+            start = time.perf_counter()
+            samples = client.generate(ids, mask, **args)
+            vllm_seconds = time.perf_counter() - start
+            transformers_seconds = _timed(lambda: generate_completions(  # noqa: B023
+                policy, ids, mask, cache_implementation=config.cache_implementation, **args))  # noqa: B023
+            with torch.no_grad():
+                ours = completion_per_token_logps(policy, samples.prompt_input_ids, samples.prompt_attention_mask,
+                                                  samples.completion_ids, samples.completion_mask)
+            gap = (ours - samples.sampling_per_token_logps.to(ours.device)).abs() * samples.completion_mask
+            records.append({"push": push.seconds, "push_write": push.write_seconds, "push_reload": push.load_seconds,
+                            "generation": vllm_seconds, "transformers": transformers_seconds,
+                            "gap_max": gap.max().item(), "decode_steps": samples.completion_ids.shape[1]})
+    median = lambda key: _median_after_warmup([r[key] for r in records], settings.warmup_steps)  # noqa: E731
+    return {
+        "server": "started here" if started else url, "steps": len(records), "weight_bytes": push.bytes,
+        "time/step": median("push") + median("generation"), "time/generation": median("generation"),
+        "time/weight_push": median("push"), "time/weight_push_write": median("push_write"),
+        "time/weight_push_reload": median("push_reload"), "time/generation_transformers": median("transformers"),
+        "decode_steps": median("decode_steps"), "logprob_gap_max": max(r["gap_max"] for r in records),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 # --- one variant per process -------------------------------------------------------------------------------
 
 
 def variants(settings: BenchSettings) -> list[str]:
     names = ["machine", "dpo", "hypo"] + [f"hypo-prompts{n}" for n in settings.fewer_prompts]
     return names + (["trl-dpo", "trl-rloo"] if settings.trl else []) + \
-        (["weights-changed"] if settings.weights_changed else [])
+        (["weights-changed"] if settings.weights_changed else []) + (["vllm-sampling"] if settings.vllm else [])
 
 
 def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
@@ -362,6 +435,8 @@ def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
         result = run_trl_rloo(settings)
     elif name == "weights-changed":
         result = weights_changed(settings)
+    elif name == "vllm-sampling":
+        result = run_vllm_sampling(settings)
     else:
         raise ValueError(f"unknown bench variant {name!r}")
     result["peak_rss_gb"] = _peak_rss_gb()
@@ -415,6 +490,9 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             out[f"{name}_vs_dpo_step"] = result["time/step"] / dpo["time/step"]
     if "trl-dpo" in results:
         out["dpo_vs_trl_dpo"] = dpo["time/step"] / results["trl-dpo"]["time/step"]
+    if "vllm-sampling" in results:  # a sampling step with vLLM (weight push + generation) / transformers' generate
+        vllm = results["vllm-sampling"]
+        out["vllm_vs_transformers_sampling"] = vllm["time/step"] / vllm["time/generation_transformers"]
     if "trl-dpo" in results and "trl-rloo" in results:
         out["hypo_vs_trl_dpo_plus_rloo"] = hypo["time/step"] / (
             results["trl-dpo"]["time/step"] + results["trl-rloo"]["time/step"])
@@ -449,7 +527,7 @@ def markdown(results: dict[str, dict[str, Any]], computed: dict[str, float], set
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        if name in ("machine", "weights-changed"):
+        if name in ("machine", "weights-changed", "vllm-sampling"):
             continue
         parts = [f"{r[k]:.3f}" if k in r else "" for k in
                  ("time/step", "time/generation", "time/reference", "time/forward_backward", "time/optimizer",
@@ -458,6 +536,14 @@ def markdown(results: dict[str, dict[str, Any]], computed: dict[str, float], set
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     lines += [f"| {name} | {value:.2f} | {_meets(name, value, machine.get('device', 'cpu'))} |"
               for name, value in computed.items()]
+    if "vllm-sampling" in results:
+        v = results["vllm-sampling"]
+        lines += ["", f"Sampling with vLLM (server {v['server']}): weight push {v['time/weight_push']:.2f} s "
+                  f"({v['weight_bytes'] / 1e6:.0f} MB: write {v['time/weight_push_write']:.2f} s, reload "
+                  f"{v['time/weight_push_reload']:.2f} s) + generation {v['time/generation']:.2f} s = "
+                  f"{v['time/step']:.2f} s per step, against transformers' generate "
+                  f"{v['time/generation_transformers']:.2f} s on the same prompts; largest per-token gap between "
+                  f"vLLM's log-probs and ours {v['logprob_gap_max']:.1e}."]
     if "weights-changed" in results:
         changed = results["weights-changed"]
         lines += ["", f"Weight elements changed after 12 DPO steps at lr {config.learning_rate:g}: float32 weights "
@@ -532,6 +618,10 @@ class BenchOptions:
     weights_changed: bool = field(default=False, metadata={
         "help": "Also train 12 DPO steps with float32 weights (default mixed precision) and with bfloat16 weights, "
                 "and report the fraction of weight elements that changed."})
+    vllm: bool = field(default=False, metadata={
+        "help": "Also time the online sampling through a vLLM server, weight push included (the server at "
+                "--vllm_server_base_url, else one started from .venv-vllm: scripts/setup-vllm-cpu.sh), against "
+                "transformers' generate on the same prompts; implied by --vllm_server_base_url."})
     random_model: str | None = field(default=None, metadata={
         "help": "Time a randomly initialized Llama of this shape instead of --model_name_or_path: 1b (TinyLlama-1.1B "
                 "shape) or 135m (SmolLM2-135M shape), with the embedded tokenizer. Offline; speed only."})
@@ -550,7 +640,8 @@ def run_bench(argv: list[str]) -> int:
         config = replace(config, model_name_or_path=str(make_random_llama(options.random_model)))
     settings = BenchSettings(config=replace(config, eval_at_end=False), warmup_steps=options.warmup_steps,
                              measured_steps=options.measured_steps, trl=options.trl,
-                             weights_changed=options.weights_changed)
+                             weights_changed=options.weights_changed,
+                             vllm=options.vllm or config.vllm_server_base_url is not None)
     if options.quick:
         settings.warmup_steps, settings.measured_steps, settings.fewer_prompts = 1, 1, (1,)
         settings.config = replace(settings.config, max_completion_length=8)

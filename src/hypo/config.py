@@ -55,6 +55,27 @@ class HyPOConfig:
     eval_top_p: float = _help(
         "Nucleus sampling of the judged completions in evaluations; the KL samples are never truncated.", 1.0)
 
+    # --- vLLM sampling (the online KL samples; TRL's names) ----------------------------------------------
+    use_vllm: bool = _help(
+        "Sample the online KL completions with vLLM instead of transformers' generate (docs/vllm.md). The samples "
+        "stay exact draws from the current policy (temperature 1, no truncation or penalties, every stop id of the "
+        "model); the policy's weights go to the engine after each optimizer step. Evaluation samples still use "
+        "generate. A server that fails stops the run with an error; there is no fallback.", False)
+    vllm_mode: Literal["server", "colocate"] = _help(
+        "server: a separate `vllm serve` process (other GPUs, or the CPU build), weights pushed through a shared "
+        "folder; colocate: a vLLM engine inside each training process on its GPU (vllm installed beside hypo).",
+        "colocate")
+    vllm_server_base_url: str | None = _help(
+        "Server mode: URL of the vLLM server, started with VLLM_SERVER_DEV_MODE=1 (default http://127.0.0.1:8000).")
+    vllm_server_timeout: float = _help(
+        "Server mode: seconds to wait for the server to come up, and for each request to it.", 240.0)
+    vllm_server_weights_dir: str | None = _help(
+        "Server mode: folder where the policy's weights are written for the server to reload; the server must see "
+        "it under the same path (default: a new folder in /dev/shm, for a server on this machine).")
+    vllm_gpu_memory_utilization: float = _help(
+        "Colocate mode: fraction of the GPU's memory the vLLM engine takes (weights + KV cache); the training "
+        "process keeps the rest. For a server, pass --gpu-memory-utilization to `vllm serve`.", 0.3)
+
     # --- model ------------------------------------------------------------------------------------------
     model_name_or_path: str = _help(
         "Policy to train: a hub id, a local folder, a .gguf file, or the embedded SmolLM2-135M-Instruct.",
@@ -273,6 +294,7 @@ def _problems(c: HyPOConfig):
         yield f"max_prompt_length ({c.max_prompt_length}) must be < max_length ({c.max_length})"
     if c.eval_temperature <= 0 or not 0 < c.eval_top_p <= 1:
         yield f"eval_temperature must be > 0 and eval_top_p in (0, 1], got {c.eval_temperature} and {c.eval_top_p}"
+    yield from _vllm_problems(c)
     if c.max_steps == 0 or c.max_steps < -1:
         yield f"max_steps must be >= 1, or -1 to use num_train_epochs, got {c.max_steps}"
     if c.max_steps == -1 and c.num_train_epochs <= 0:
@@ -317,6 +339,23 @@ def _source_problems(c: HyPOConfig):
         yield f"per_device_eval_batch_size must be >= 1, got {c.per_device_eval_batch_size}"
     if c.hub_model_id is not None and not _HUB_REPO_ID.match(c.hub_model_id):
         yield f"hub_model_id must be 'name' or 'org/name' (letters, digits, '-', '_', '.'), got {c.hub_model_id!r}"
+
+
+def _vllm_problems(c: HyPOConfig):
+    if c.vllm_mode not in ("server", "colocate"):
+        yield f"vllm_mode must be 'server' or 'colocate', got {c.vllm_mode!r}"
+    if c.vllm_server_timeout <= 0:
+        yield f"vllm_server_timeout must be > 0 seconds, got {c.vllm_server_timeout}"
+    if not 0 < c.vllm_gpu_memory_utilization <= 1:
+        yield f"vllm_gpu_memory_utilization must be in (0, 1], got {c.vllm_gpu_memory_utilization}"
+    if c.vllm_server_base_url is not None and not re.match(r"^https?://[^/\s]+", c.vllm_server_base_url):
+        yield f"vllm_server_base_url must be an http:// or https:// URL, got {c.vllm_server_base_url!r}"
+    if not c.use_vllm:
+        return
+    if c.method != "hypo":
+        yield "use_vllm samples the online KL term's completions; method dpo samples nothing (drop use_vllm)"
+    if c.vllm_mode == "colocate" and (c.vllm_server_base_url or c.vllm_server_weights_dir):
+        yield "vllm_server_base_url and vllm_server_weights_dir are for vllm_mode server, not colocate"
 
 
 @functools.cache
