@@ -223,3 +223,41 @@ def test_held_out_pairs_are_evaluated_during_training_and_the_card_is_written(ti
     assert pair_records[1]["eval_rewards/margins"] > 0
     card = (result.model_dir / "README.md").read_text()
     assert "hypo" in card and f"{pair_records[1]['eval_loss']:.3f}"[:4] in card and result.hub_url is None
+
+
+class _EngineStandIn:
+    """What the loop needs of a vLLM sampler: `generate` from the weights it was last given, `push_weights`."""
+
+    def __init__(self, model_dir):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir)
+        self.pushes, self.generated_with = [], []
+
+    def push_weights(self, model):
+        self.model.load_state_dict(model.state_dict())
+        self.pushes.append(model.lm_head.weight.detach().clone())
+
+    def generate(self, prompt_input_ids, prompt_attention_mask, **draw):
+        from hypo.sampling import generate_completions
+
+        self.generated_with.append(self.model.lm_head.weight.detach().clone())
+        return generate_completions(self.model, prompt_input_ids, prompt_attention_mask, **draw)
+
+    def close(self):
+        self.closed = True
+
+
+def test_with_use_vllm_the_engine_samples_from_the_weights_of_the_latest_step(tiny_model_dir, tiny_task, tmp_path,
+                                                                             monkeypatch):
+    import hypo.vllm_sampling
+
+    engine = _EngineStandIn(tiny_model_dir)
+    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: engine)
+    result = train(_config(tiny_model_dir, tiny_task, tmp_path, "vllm", method="hypo", max_steps=3, use_vllm=True,
+                           vllm_mode="server", eval_at_end=False))
+    assert len(engine.pushes) == 4 and len(engine.generated_with) == 3 and engine.closed  # before step 1 + each step
+    for pushed, used in zip(engine.pushes, engine.generated_with, strict=False):
+        assert torch.equal(pushed, used)  # step t samples with the weights after step t - 1
+    assert not torch.equal(engine.pushes[0], engine.pushes[-1])
+    torch.testing.assert_close(engine.pushes[-1], _weights(result.model_dir)["lm_head.weight"])
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time/weight_push"] >= 0 for r in records)

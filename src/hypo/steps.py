@@ -10,6 +10,7 @@ the optimizer belong to the loop (`hypo.trainer`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ class StepContext:
     share_prompt: bool  # score completions against each prompt's cached keys/values (see logprobs)
     ref_cache: dict[int, tuple[float, float]] | None  # reference log-probs of offline pairs by row index
     timer: StepTimer = field(default_factory=StepTimer)
+    vllm_sampler: Any = None  # with use_vllm: the engine that draws the online samples (`hypo.vllm_sampling`)
 
 
 @dataclass
@@ -129,13 +131,17 @@ def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
     """Online term: sample k completions per prompt from the current policy and build the REINFORCE
     surrogate of KL(pi || pi_ref) with a leave-one-out baseline (arXiv 2406.01462, Algorithm 1)."""
     k = ctx.config.num_generations
-    with ctx.timer("generation"), gathered_for_generation(ctx.sampler) as sampler:  # sharded: full weights once
-        samples = generate_completions(
-            sampler, prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
-            num_generations=k, max_new_tokens=ctx.config.max_completion_length,
-            eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
-            cache_implementation=ctx.config.cache_implementation,  # temperature 1, no truncation: always
-        )
+    draw = {"num_generations": k, "max_new_tokens": ctx.config.max_completion_length,
+            "eos_token_id": ctx.eos_token_id, "pad_token_id": ctx.pad_token_id}  # temperature 1, no truncation
+    with ctx.timer("generation"):
+        if ctx.vllm_sampler is not None:  # the engine holds the policy's current weights (pushed every step)
+            samples = ctx.vllm_sampler.generate(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
+                                                **draw)
+        else:
+            with gathered_for_generation(ctx.sampler) as sampler:  # sharded: full weights once per call
+                samples = generate_completions(sampler, prompt_batch["prompt_input_ids"],
+                                               prompt_batch["prompt_attention_mask"],
+                                               cache_implementation=ctx.config.cache_implementation, **draw)
     num_prompts = prompt_batch["prompt_input_ids"].shape[0]
     prompt_index = torch.arange(num_prompts, device=samples.completion_ids.device).repeat_interleave(k)
     # (G * k,): rows g * k ... g * k + k - 1 continue prompt g

@@ -178,6 +178,12 @@ def train(config: HyPOConfig) -> RunResult:
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(sampler, tokenizer),
                       share_prompt=shares_prompt_forward(config, accelerator.device),
                       ref_cache=state.ref_cache)
+    if online and config.use_vllm:  # samples from a vLLM engine that gets the policy's weights every step
+        from hypo.models import resolve_model_path
+        from hypo.vllm_sampling import make_vllm_sampler, push_policy
+
+        ctx.vllm_sampler = make_vllm_sampler(config, resolve_model_path(config.model_name_or_path, config.gguf_file))
+        push_policy(accelerator, policy, ctx.vllm_sampler)  # a resumed run's weights, not the base model's
     one_backward = runs_one_backward(accelerator, online)
     run_logger = RunLogger(output_dir, accelerator, trackers, config.to_dict(), resume_after=start_step if checkpoint else None)
 
@@ -224,6 +230,9 @@ def train(config: HyPOConfig) -> RunResult:
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        if ctx.vllm_sampler is not None and problem is None:
+            with timer("weight_push"):  # the engine samples step t + 1 from the weights after step t
+                push_policy(accelerator, policy, ctx.vllm_sampler)
 
         step_seconds = time.perf_counter() - step_start
         if problem or step % config.logging_steps == 0 or step == total_steps:
@@ -267,6 +276,8 @@ def train(config: HyPOConfig) -> RunResult:
         result.hub_url = share_trained_model(config, model_dir, output_dir=output_dir, eval_results=result.eval,
                                              pair_metrics=pair_metrics, final_metrics=final_metrics,
                                              num_processes=accelerator.num_processes)
+    if ctx.vllm_sampler is not None:
+        ctx.vllm_sampler.close()
     run_logger.close()
     accelerator.wait_for_everyone()
     return result
@@ -379,6 +390,7 @@ def _step_metrics(accelerator, sums, grad_norm, scheduler, tokens, phase_seconds
         "time/generation": phase_seconds.get("generation", 0.0),
         "time/reference": phase_seconds.get("reference", 0.0),
         "time/optimizer": phase_seconds.get("optimizer", 0.0),
+        **({"time/weight_push": phase_seconds["weight_push"]} if "weight_push" in phase_seconds else {}),
         "time/forward_backward": step_seconds - sum(phase_seconds.values()),
         "throughput/tokens_per_second": float(total_tokens) / step_seconds,
     })
