@@ -64,23 +64,30 @@ def train_parser():
                          "from --config (YAML or JSON); flags given here override the file.")
 
 
-def parse_train_args(argv: list[str]) -> HyPOConfig:
-    """Options of the run being resumed (its config.json) first, then `--config`, then the flags; unknown
-    options are an error."""
-    parser = train_parser()
+def _pre_parse(argv: list[str], *names: str) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
-    for name in ("--config", "--resume_from_checkpoint", "--output_dir"):
+    for name in names:
         pre.add_argument(name)
-    pre_args, _ = pre.parse_known_args(argv)
-    if pre_args.resume_from_checkpoint:
-        run_dir = Path(pre_args.output_dir) if pre_args.output_dir else Path(pre_args.resume_from_checkpoint).parent
-        if (run_dir / "config.json").is_file():
-            parser.set_defaults(**read_config_file(run_dir / "config.json"))
-    if pre_args.config:
-        parser.set_defaults(**read_config_file(pre_args.config))
-    namespace = parser.parse_args(argv)
-    values = {k: v for k, v in vars(namespace).items() if k != "config"}
-    return HyPOConfig(**values)
+    return pre.parse_known_args(argv)[0]
+
+
+def parse_config_args(parser, config_class, argv: list[str], base_files: tuple[Path, ...] = ()):
+    """`config_class` from, in order of precedence: the flags, `--config`, then `base_files`; unknown
+    options are an error."""
+    config_file = _pre_parse(argv, "--config").config
+    for path in (*base_files, *([config_file] if config_file else [])):
+        parser.set_defaults(**read_config_file(path, config_class))
+    return config_class(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+
+
+def parse_train_args(argv: list[str]) -> HyPOConfig:
+    """Options of the run being resumed (its config.json) first, then `--config`, then the flags."""
+    pre = _pre_parse(argv, "--resume_from_checkpoint", "--output_dir")
+    base: tuple[Path, ...] = ()
+    if pre.resume_from_checkpoint:
+        run_dir = Path(pre.output_dir) if pre.output_dir else Path(pre.resume_from_checkpoint).parent
+        base = (run_dir / "config.json",) if (run_dir / "config.json").is_file() else ()
+    return parse_config_args(train_parser(), HyPOConfig, argv, base)
 
 
 def run_train(argv: list[str]) -> int:
@@ -276,16 +283,9 @@ def sft_parser():
 
 
 def run_sft(argv: list[str]) -> int:
-    from hypo.config import read_config_file
     from hypo.sft import SFTRunConfig, sft
 
-    parser = sft_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    pre_args, _ = pre.parse_known_args(argv)
-    if pre_args.config:
-        parser.set_defaults(**read_config_file(pre_args.config, SFTRunConfig))
-    config = SFTRunConfig(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+    config = parse_config_args(sft_parser(), SFTRunConfig, argv)
     result = sft(config)
     loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
     print(f"\nhypo sft: {result.steps} steps in {result.seconds / 60:.1f} min{loss}\n  model: {result.model_dir}")
