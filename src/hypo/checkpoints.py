@@ -137,9 +137,11 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def holds_run(directory: Path) -> bool:
-    return directory.is_dir() and any(
-        (directory / name).exists() for name in ("config.json", "metrics.jsonl", "model")) or bool(
-        list_checkpoints(directory))
+    """Whether a folder holds (part of) a hypo run: its config, metrics, model or a checkpoint."""
+    if not directory.is_dir():
+        return False
+    return any((directory / name).exists() for name in ("config.json", "metrics.jsonl", "model")) or \
+        bool(list_checkpoints(directory))
 
 
 def run_folder(config) -> tuple[Path, Path | None]:
