@@ -228,19 +228,21 @@ def test_held_out_pairs_are_evaluated_during_training_and_the_card_is_written(ti
 class _EngineStandIn:
     """What the loop needs of a vLLM sampler: `generate` from the weights it was last given, `push_weights`."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, *, loads_pushes: bool = True):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir)
+        self.loads_pushes = loads_pushes  # False: an engine that keeps sampling from the initial weights
         self.pushes, self.generated_with = [], []
 
     def push_weights(self, model):
-        self.model.load_state_dict(model.state_dict())
+        if self.loads_pushes:
+            self.model.load_state_dict(model.state_dict())
         self.pushes.append(model.lm_head.weight.detach().clone())
 
     def generate(self, prompt_input_ids, prompt_attention_mask, **draw):
         from hypo.sampling import generate_completions
 
         self.generated_with.append(self.model.lm_head.weight.detach().clone())
-        return generate_completions(self.model, prompt_input_ids, prompt_attention_mask, **draw)
+        return generate_completions(self.model, prompt_input_ids, prompt_attention_mask, return_logps=True, **draw)
 
     def close(self):
         self.closed = True
@@ -261,3 +263,48 @@ def test_with_use_vllm_the_engine_samples_from_the_weights_of_the_latest_step(ti
     torch.testing.assert_close(engine.pushes[-1], _weights(result.model_dir)["lm_head.weight"])
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["time/weight_push"] >= 0 for r in records)
+    assert max(r["sampler/logp_gap_max"] for r in records) < 1e-4  # the engine's log-probs are our forward's
+
+
+def test_an_engine_with_stale_weights_shows_in_the_sampler_logp_gap(tiny_model_dir, tiny_task, tmp_path, monkeypatch):
+    import hypo.vllm_sampling
+
+    engine = _EngineStandIn(tiny_model_dir, loads_pushes=False)
+    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: engine)
+    result = train(_config(tiny_model_dir, tiny_task, tmp_path, "stale", method="hypo", max_steps=3, use_vllm=True,
+                           vllm_mode="server", eval_at_end=False, learning_rate=1e-2))
+    gaps = [json.loads(line)["sampler/logp_gap_mean"]
+            for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert gaps[0] < 1e-4 < 1e-2 < gaps[-1]  # step 1 samples the initial weights, which the policy still has
+
+
+class _EngineThatDies(_EngineStandIn):
+    """A server that answers `healthy_calls` sampling requests, then is gone."""
+
+    def __init__(self, model_dir, healthy_calls: int):
+        super().__init__(model_dir)
+        self.healthy_calls = healthy_calls
+
+    def generate(self, *args, **kwargs):
+        from hypo.vllm_sampling import VLLMServerError
+
+        if len(self.generated_with) == self.healthy_calls:
+            raise VLLMServerError("vLLM server http://127.0.0.1:9 (sampling): connection refused")
+        return super().generate(*args, **kwargs)
+
+
+def test_a_vllm_server_lost_mid_run_stops_it_with_its_checkpoints_kept(tiny_model_dir, tiny_task, tmp_path, monkeypatch):
+    import hypo.vllm_sampling
+    from hypo.vllm_sampling import VLLMServerError
+
+    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: _EngineThatDies(tiny_model_dir, 3))
+    settings = {"method": "hypo", "max_steps": 4, "save_steps": 2, "use_vllm": True, "vllm_mode": "server",
+                "eval_at_end": False}
+    with pytest.raises(VLLMServerError, match="127.0.0.1:9"):  # no fallback to generate
+        train(_config(tiny_model_dir, tiny_task, tmp_path, "lost", **settings))
+    run = tmp_path / "lost"
+    assert (run / "checkpoint-2").is_dir() and not (run / "model").exists()
+    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: _EngineStandIn(tiny_model_dir))
+    uninterrupted = train(_config(tiny_model_dir, tiny_task, tmp_path, "whole", **settings))
+    resumed = train(_config(tiny_model_dir, tiny_task, tmp_path, "lost", **settings, resume_from_checkpoint="latest"))
+    _assert_same_weights(resumed.model_dir, uninterrupted.model_dir)

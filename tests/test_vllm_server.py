@@ -90,3 +90,44 @@ def test_server_samples_match_the_policy_before_and_after_weight_pushes(served, 
         policy.eval()
         push = client.push_weights(policy)
     client.close()
+
+
+def test_hypo_train_with_use_vllm_samples_every_step_from_the_current_policy(served, tmp_path):
+    """`hypo train --use_vllm --vllm_mode server` end to end: the engine's log-probs of its samples match our
+    forward's at every step (sampler/logp_gap_*), so it held the policy's weights after each optimizer step;
+    after the run it holds the saved model's weights, which are not the initial ones."""
+    import json
+
+    from hypo.config import HyPOConfig
+    from hypo.models import load_causal_lm, load_tokenizer
+    from hypo.sampling import stop_token_ids
+    from hypo.trainer import train
+
+    server, path = served
+    config = HyPOConfig(method="hypo", use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url,
+                        vllm_server_weights_dir=str(tmp_path / "weights"), max_steps=3, learning_rate=2e-4,
+                        warmup_ratio=0.0, lr_scheduler_type="constant", per_device_train_batch_size=2,
+                        per_device_prompt_batch_size=PROMPTS, num_generations=K,
+                        max_completion_length=MAX_NEW_TOKENS, eval_at_end=False, output_dir=str(tmp_path / "run"))
+    result = train(config)
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    print("per step: gap max", [f"{r['sampler/logp_gap_max']:.2e}" for r in records],
+          "weight push s", [f"{r['time/weight_push']:.2f}" for r in records],
+          "generation s", [f"{r['time/generation']:.2f}" for r in records])
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["sampler/logp_gap_max"] < TOLERANCE and r["time/weight_push"] > 0 for r in records)
+
+    tokenizer, trained, initial = load_tokenizer(path), load_causal_lm(str(result.model_dir)), load_causal_lm(path)
+    _, _, _, items = _policy_and_prompts(path)
+    from hypo.data import PromptCollator
+
+    batch = PromptCollator(tokenizer.pad_token_id)(items[:PROMPTS])
+    client = VLLMServerClient(server.url, timeout=600)
+    samples = client.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], num_generations=K,
+                              max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stop_token_ids(trained, tokenizer),
+                              pad_token_id=tokenizer.pad_token_id)
+    largest, _ = _per_token_gap(trained, samples)
+    largest_initial, mean_initial = _per_token_gap(initial, samples)
+    print(f"after the run: vLLM vs the saved model max {largest:.2e}; vs the initial model max "
+          f"{largest_initial:.2e}, mean {mean_initial:.2e}")
+    assert largest < TOLERANCE < largest_initial / 10  # the last push landed, and training moved the weights

@@ -127,6 +127,19 @@ def dpo_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Term:
     return Term(losses.mean(), metrics, tokens)
 
 
+def sampler_logp_gap(policy_logps: torch.Tensor, sampling_per_token_logps: torch.Tensor,
+                     completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the sampling engine's log-probs of its own samples are from our forward's, per completion
+    token: |sum of ours - sum of the engine's| / length. Near float rounding (about 5e-5 nats in fp32) when
+    the engine holds the policy's current weights; stale weights or a lower engine precision show up here.
+
+    Shape: policy_logps (N,), sampling_per_token_logps (N, C), completion_mask (N, C) -> scalars
+    """
+    engine = (sampling_per_token_logps.to(policy_logps.device) * completion_mask).sum(dim=-1)  # (N,)
+    gap = (policy_logps - engine).abs() / completion_mask.sum(dim=-1).clamp(min=1)  # (N,)
+    return {"sampler/logp_gap_mean": gap.mean(), "sampler/logp_gap_max": gap.max()}
+
+
 def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
     """Online term: sample k completions per prompt from the current policy and build the REINFORCE
     surrogate of KL(pi || pi_ref) with a leave-one-out baseline (arXiv 2406.01462, Algorithm 1)."""
@@ -162,5 +175,7 @@ def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
         "completions/clipped_ratio": samples.clipped.float().mean(),
         "completions/max_length": float(samples.completion_ids.shape[1]),  # decoding steps of the batch
     }
+    if samples.sampling_per_token_logps is not None:  # an engine's own log-probs (vLLM): does it hold our weights?
+        metrics.update(sampler_logp_gap(policy_logps.detach(), samples.sampling_per_token_logps, samples.completion_mask))
     tokens = prompt_batch["prompt_attention_mask"].sum() + samples.completion_mask.sum()  # each prompt once
     return Term(losses.mean(), metrics, tokens)
