@@ -279,6 +279,17 @@ def test_skip_bad_rows_drops_exactly_bad_rows(tmp_path, tok, caplog):
     assert "row 2: field 'chosen': missing" in warnings[0]
 
 
+def test_bad_rows_are_reported_once_by_the_check_and_the_load_together(tmp_path, tok, caplog):
+    from hypo.data import check_preference_source
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {"prompt": "hello"}, GOOD])
+    with caplog.at_level(logging.WARNING, logger="hypo.data"):
+        check_preference_source(str(path), skip_bad_rows=True)  # the pre-flight check of `hypo train`
+        load_preference_data(str(path), tok, skip_bad_rows=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 1 of 3 bad rows" in warnings[0]
+
+
 def test_all_bad_or_empty_is_an_error_even_when_skipping(tmp_path, tok):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": 1}, {"chosen": "x"}])
     with pytest.raises(DataError, match=r"pairs\.jsonl: all 2 rows are bad"):

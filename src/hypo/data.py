@@ -398,6 +398,18 @@ def _shorten(wheres: Sequence[str], source: str) -> str:
     return ", ".join(where.removeprefix(f"{source}: ") for where in wheres)
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    """A warning about a data file, once per process: the pre-flight check and the tokenizing load read the
+    same rows and would say the same thing twice."""
+    text = message % args
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning(text)
+
+
 def _outcomes(rows: Sequence[Any], wheres: Sequence[str], prepare: _Prepare, encode: _Encode | None,
               skip_bad_rows: bool) -> list[Any]:
     """Per row, in order: (item, prompt cut, completions cut), a DataError or an _IdenticalPair.
@@ -472,9 +484,9 @@ def _encode_rows(
         prompts_cut += prompt_cut
         completions_cut += completion_cut
     if errors:
-        logger.warning("%s: skipped %d of %d bad rows (first: %s)", source, len(errors), len(rows), errors[0])
+        _warn_once("%s: skipped %d of %d bad rows (first: %s)", source, len(errors), len(rows), errors[0])
     if identical:
-        logger.warning(
+        _warn_once(
             "%s: dropped %d of %d pairs whose chosen and rejected are identical (no preference signal): %s%s",
             source, len(identical), len(rows), _shorten(identical[:5], source), ", ..." if len(identical) > 5 else "",
         )
