@@ -67,6 +67,14 @@ def test_json_config_and_unknown_keys(tmp_path):
         read_config_file(tmp_path / "missing.yaml")
 
 
+def test_an_option_of_an_earlier_version_names_its_new_name(tmp_path):
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps({"kl_coef": 0.2, "temperature": 0.7}))
+    with pytest.raises(ValueError, match=r"config.json: unknown option\(s\): temperature \(temperature is now "
+                                         r"eval_temperature"):
+        read_config_file(old)
+
+
 def test_saved_config_round_trips(tmp_path):
     config = HyPOConfig(method="dpo", beta=0.3, output_dir=str(tmp_path))
     path = save_config(config, tmp_path)

@@ -393,6 +393,14 @@ def _parse_config_text(path: Path, text: str) -> Any:
         raise ValueError(f"{path}: {where}invalid YAML: {problem}") from None
 
 
+RENAMED_OPTIONS = {
+    "temperature": "eval_temperature (it tempers the judged evaluation samples only; the KL samples are always "
+                   "drawn at temperature 1)",
+    "top_p": "eval_top_p (judged evaluation samples only)",
+}
+"""Options of earlier versions (a config file, or the config.json of a run to resume) and their names now."""
+
+
 def read_config_file(path: str | Path, config_class: type | None = None) -> dict[str, Any]:
     """Read a YAML or JSON mapping of the fields of `config_class` (default: HyPOConfig).
 
@@ -412,7 +420,8 @@ def read_config_file(path: str | Path, config_class: type | None = None) -> dict
     known = {f.name for f in dataclasses.fields(config_class or HyPOConfig)}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s): {', '.join(unknown)}")
+        hints = [f"{key} is now {RENAMED_OPTIONS[key]}" for key in unknown if key in RENAMED_OPTIONS]
+        raise ValueError(f"{path}: unknown option(s): {', '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
     problems = [f"option '{key}': {problem}" for key, value in data.items()
                 if (problem := _type_problem(key, value, config_class))]
     if problems:
