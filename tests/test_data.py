@@ -365,9 +365,25 @@ def test_conversational_uses_chat_template(tok):
         IM_START,
         *ids("assistant"),
     ]  # no BOS: the template carries its special tokens
-    assert items[0]["chosen_input_ids"] == ids("hello world") + [EOS]
-    assert items[0]["rejected_input_ids"] == ids("bad") + [EOS]
+    # a conversational completion ends as the template ends an assistant turn (<|im_end|>; EOS is </s>)
+    assert items[0]["chosen_input_ids"] == ids("hello world") + [IM_END]
+    assert items[0]["rejected_input_ids"] == ids("bad") + [IM_END]
     assert items[0]["prompt"] == CONV[0]["prompt"]
+    plain, _ = tokenize_preference_rows(PAIRS, tok)
+    assert plain[0]["chosen_input_ids"] == ids("four") + [EOS]  # after a plain-text prompt: EOS
+
+
+def test_end_of_turn_token_comes_from_the_chat_template(tok):
+    from types import SimpleNamespace
+
+    from hypo.sampling import end_of_turn_token_id, stop_token_ids
+
+    assert end_of_turn_token_id(tok) == IM_END  # ChatML here, while the tokenizer's EOS is </s>
+    assert end_of_turn_token_id(make_tokenizer(chat_template=None)) == EOS
+    bare = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} .{% endfor %}"  # no special token after
+    assert end_of_turn_token_id(make_tokenizer(chat_template=bare)) == EOS
+    # the policy stops where the offline completions end
+    assert stop_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)), tok) == [EOS, IM_END]
 
 
 def test_conversational_without_chat_template_names_source(tmp_path):

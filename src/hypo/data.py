@@ -28,7 +28,8 @@ tokenizer or a model, so a run can check all its data before it loads anything h
 
 Tokenization mirrors what the policy sees and generates: the prompt is the raw text (tokenizer
 special tokens such as BOS added) or the chat template applied with a generation prompt; a
-completion is its text without special tokens followed by ``eos_token_id``. Prompts are truncated on
+completion is its text without special tokens followed by the token the policy stops with: ``eos_token_id``
+after a plain-text prompt, the chat template's end-of-turn token after a conversation. Prompts are truncated on
 the left, completions on the right. Rows are validated one by one, then tokenized together in batched
 tokenizer calls, each distinct prompt once (:func:`token_ids`).
 """
@@ -312,9 +313,17 @@ def _prompt_token_ids(prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerB
     return [ids[unique[key]] for key in keys]
 
 
-def _completion_token_ids(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """A completion is its text without special tokens, followed by EOS (what the policy generates)."""
-    return [[*ids, tokenizer.eos_token_id] for ids in token_ids(tokenizer, texts, add_special_tokens=False)]
+def _completion_token_ids(texts: Sequence[str], conversational: Sequence[bool],
+                          tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """A completion is its text without special tokens, followed by the token the policy would stop with:
+    EOS after a plain-text prompt, the chat template's end-of-turn token after a conversation
+    (`hypo.sampling.end_of_turn_token_id`; for Llama 3, Gemma and ChatML models the token that ends an
+    assistant turn)."""
+    from hypo.sampling import end_of_turn_token_id
+
+    end_of_turn = end_of_turn_token_id(tokenizer) if any(conversational) else None
+    return [[*ids, end_of_turn if chat else tokenizer.eos_token_id]
+            for ids, chat in zip(token_ids(tokenizer, texts, add_special_tokens=False), conversational, strict=True)]
 
 
 def _keep_last(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
@@ -347,8 +356,9 @@ def _encode_pairs(
     """Tokenize validated pairs in batches -> per pair (item without index, prompt cut, completions cut)."""
     _check_chat_template([p for p, _, _ in prepared], tokenizer, source)
     prompt_ids = _prompt_token_ids([p for p, _, _ in prepared], tokenizer)
-    chosen_ids = _completion_token_ids([c for _, c, _ in prepared], tokenizer)
-    rejected_ids = _completion_token_ids([r for _, _, r in prepared], tokenizer)
+    conversational = [isinstance(p, list) for p, _, _ in prepared]
+    chosen_ids = _completion_token_ids([c for _, c, _ in prepared], conversational, tokenizer)
+    rejected_ids = _completion_token_ids([r for _, _, r in prepared], conversational, tokenizer)
     out: list[tuple[dict, int, int] | DataError] = []
     for (prompt, _, _), where, ids, *completions in zip(prepared, wheres, prompt_ids, chosen_ids, rejected_ids,
                                                          strict=True):
