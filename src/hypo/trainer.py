@@ -177,7 +177,7 @@ def train(config: HyPOConfig) -> RunResult:
     ctx = StepContext(policy=policy, sampler=sampler, reference=reference, config=config,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(sampler, tokenizer),
                       share_prompt=shares_prompt_forward(config, accelerator.device),
-                      ref_cache=state.ref_cache)
+                      ref_cache=state.ref_cache, accelerator=accelerator)
     if online and config.use_vllm:  # samples from a vLLM engine that gets the policy's weights every step
         from hypo.models import resolve_model_path
         from hypo.vllm_sampling import make_vllm_sampler, push_policy
