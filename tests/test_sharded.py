@@ -113,3 +113,32 @@ def test_an_fsdp1_run_is_told_to_use_fsdp2_for_the_reference(tiny_tokenizer):
     fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.FSDP, state=SimpleNamespace())
     with pytest.raises(ValueError, match="--fsdp_version 2"):
         Reference(build_model(tiny_tokenizer)).prepare(fsdp1)
+
+
+def test_deepspeed_gets_the_loops_micro_batch_and_accumulation():
+    from hypo.trainer import deepspeed_batch_settings
+
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    assert deepspeed_batch_settings(auto, micro_batch=4, accumulation=4) == \
+        {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}
+    assert deepspeed_batch_settings({}, micro_batch=2, accumulation=8) == \
+        {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}  # absent: DeepSpeed's default 1
+    recipe = json.loads((Path(__file__).parents[1] / "recipes" / "accelerate" / "zero3.json").read_text())
+    assert deepspeed_batch_settings(recipe, micro_batch=4, accumulation=4) == {}  # the recipe's own values
+    assert deepspeed_batch_settings(recipe, micro_batch=4, accumulation=8) == {"gradient_accumulation_steps": 8}
+
+
+def test_under_deepspeed_only_the_last_micro_step_ends_an_accumulation():
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from hypo.trainer import deepspeed_micro_step
+
+    marks = []
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                gradient_state=SimpleNamespace(_set_sync_gradients=marks.append))
+    options = [deepspeed_micro_step(deepspeed, last_micro=micro == 3) for micro in range(4)]
+    assert marks == [False, False, False, True]  # accelerate steps the engine on the last backward only
+    assert options == [{"scale_wrt_gas": False}] * 4  # the loop divides by the accumulation itself
+    assert deepspeed_micro_step(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), last_micro=False) == {}
