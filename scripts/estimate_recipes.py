@@ -3,7 +3,8 @@
 Run: python scripts/estimate_recipes.py   (prints the markdown table of recipes/README.md)
 
 Model of a run: training work is 6 x params FLOPs per token for the policy's forward and backward (LoRA keeps
-the backward through the activations, so also about 6x) plus 2 x params per token for the reference's forward;
+the backward through the activations, so also about 6x) plus 2 x params per token for the reference's forward,
+and 2 x params more with gradient checkpointing (the forward is run again in the backward);
 each prompt is counted once (hypo runs a prompt once for its completions); one epoch, so every pair's reference
 log-probs are computed once. It runs at PEAK x MFU. HyPO adds, per optimizer step and GPU, one generation call
 per micro-step, each as long as the longest sample (assumed: the length cap) at a fixed time per decoding step,
@@ -35,15 +36,20 @@ class Setting:
     sample_tokens: int  # assumed mean sample length
     prompts_per_micro_step: int  # HyPO's per_device_prompt_batch_size
     micro_steps: dict[int, int]  # GPUs -> micro-steps per optimizer step per GPU (gradient accumulation)
+    flops_per_param_token: int = 8  # policy forward + backward (6), reference forward (2); + 2 recomputed forward
+
+
+UF = dict(rows=61_135, batch=128, prompt_tokens=200, completion_tokens=350, sample_cap=512, sample_tokens=350,
+          prompts_per_micro_step=1)
 
 
 TLDR = dict(rows=92_858, batch=64, prompt_tokens=400, completion_tokens=35, sample_cap=64, sample_tokens=40)
 SETTINGS = [
     Setting("TL;DR, Pythia 1.4B", 1.41e9, "1.4b", **TLDR, prompts_per_micro_step=8, micro_steps={1: 8, 8: 1}),
     Setting("TL;DR, Pythia 2.8B", 2.78e9, "2.8b", **TLDR, prompts_per_micro_step=4, micro_steps={1: 16, 8: 2}),
-    Setting("UltraFeedback, Llama-3-8B-Instruct, LoRA", 8.03e9, "8b", rows=61_135, batch=128, prompt_tokens=200,
-            completion_tokens=350, sample_cap=512, sample_tokens=350, prompts_per_micro_step=1,
-            micro_steps={1: 32, 8: 4}),
+    Setting("UltraFeedback, Llama-3-8B-Instruct, LoRA", 8.03e9, "8b", **UF, micro_steps={1: 32, 8: 4}),
+    Setting("UltraFeedback, Llama-3-8B-Instruct, full (FSDP2 / ZeRO-3)", 8.03e9, "8b", **UF, micro_steps={8: 4},
+            flops_per_param_token=10),
 ]
 SFT = [("TL;DR SFT, Pythia 1.4B", 1.41e9, 116_722, 435), ("TL;DR SFT, Pythia 2.8B", 2.78e9, 116_722, 435)]
 """(name, params, examples, assumed tokens per example)"""
@@ -55,10 +61,10 @@ def hours(flops: float, gpus: int, gpu: str) -> float:
 
 def estimates(s: Setting, gpus: int, gpu: str) -> tuple[float, float]:
     """(DPO hours, HyPO hours) for one epoch on `gpus` GPUs of kind `gpu`."""
-    dpo_flops = s.rows * (s.prompt_tokens + 2 * s.completion_tokens) * 8 * s.params
+    dpo_flops = s.rows * (s.prompt_tokens + 2 * s.completion_tokens) * s.flops_per_param_token * s.params
     steps = s.rows / s.batch
     prompts = steps * s.prompts_per_micro_step * s.micro_steps[gpus] * gpus
-    scoring_flops = prompts * (s.prompt_tokens + 2 * s.sample_tokens) * 8 * s.params
+    scoring_flops = prompts * (s.prompt_tokens + 2 * s.sample_tokens) * s.flops_per_param_token * s.params
     step_seconds = DECODE_STEP_SECONDS[s.size] * (1.0 if gpu == "H100" else 1.3)
     generation_hours = steps * s.micro_steps[gpus] * s.sample_cap * step_seconds / 3600
     dpo = hours(dpo_flops, gpus, gpu)
@@ -69,7 +75,7 @@ def main() -> None:
     print("| setting | GPUs | DPO (h) | HyPO (h) |")
     print("| --- | --- | --- | --- |")
     for s in SETTINGS:
-        for gpus in (8, 1):
+        for gpus in (g for g in (8, 1) if g in s.micro_steps):
             for gpu in ("H100", "A100"):
                 dpo, hypo = estimates(s, gpus, gpu)
                 print(f"| {s.name} | {gpus} x {gpu} 80GB | {dpo:.1f} | {hypo:.1f} |")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hypo.cli import main
@@ -80,11 +81,14 @@ def _data_overrides(recipe: Path, hub: dict[str, Path]) -> list[str]:
 
 
 def test_recipes_are_valid_configs_with_the_expected_keys():
-    assert len(TRAIN_RECIPES) == 6 and len(SFT_RECIPES) == 2
+    assert len(TRAIN_RECIPES) == 8 and len(SFT_RECIPES) == 2
     for recipe in TRAIN_RECIPES:
         values = read_config_file(recipe)  # unknown keys or wrong types are errors
         config = HyPOConfig(**values)
-        assert config.dtype == "float32" and config.mixed_precision == "auto", recipe.name
+        full_8gpu = recipe.stem.endswith("-full")  # sharded full fine-tuning: bf16 GPUs only, stated
+        assert config.dtype == "float32", recipe.name  # float32 master weights: no bf16 update is lost
+        assert config.mixed_precision == ("bf16" if full_8gpu else "auto"), recipe.name
+        assert config.gradient_checkpointing == full_8gpu and config.use_peft == recipe.stem.endswith("-lora")
         assert config.dataset in HUB_DATA and config.eval_dataset in HUB_DATA, recipe.name
     pairs = {}  # DPO and HyPO of a setting differ only in the method and the online term's keys
     for recipe in TRAIN_RECIPES:
@@ -93,7 +97,7 @@ def test_recipes_are_valid_configs_with_the_expected_keys():
         pairs.setdefault(key, {})[method] = {
             k: v for k, v in values.items()
             if k not in ("kl_coef", "num_generations", "per_device_prompt_batch_size", "output_dir")}
-    assert len(pairs) == 3
+    assert len(pairs) == 4
     for methods in pairs.values():
         assert methods["dpo"] == methods["hypo"]
 
@@ -108,6 +112,29 @@ def test_accelerate_configs_load():
     assert (one.distributed_type, one.num_processes) == (DistributedType.NO, 1)
     assert (eight.distributed_type, eight.num_processes) == (DistributedType.MULTI_GPU, 8)
     assert one.mixed_precision == eight.mixed_precision == PrecisionType.NO  # hypo's mixed_precision decides
+
+
+def test_sharded_accelerate_configs_match_the_full_fine_tuning_recipes():
+    from accelerate import DistributedType
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import PrecisionType
+
+    fsdp2 = load_config_from_file(str(RECIPES / "accelerate" / "8gpu-fsdp2.yaml"))
+    assert (fsdp2.distributed_type, fsdp2.num_processes, fsdp2.mixed_precision) == \
+        (DistributedType.FSDP, 8, PrecisionType.NO)
+    assert fsdp2.fsdp_config["fsdp_version"] == 2  # hypo refuses FSDP1 for the reference
+    assert fsdp2.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # one group per decoder layer
+    assert fsdp2.fsdp_config["fsdp_activation_checkpointing"] is False  # the recipe's gradient_checkpointing does it
+    zero3 = load_config_from_file(str(RECIPES / "accelerate" / "8gpu-zero3.yaml"))
+    assert (zero3.distributed_type, zero3.num_processes) == (DistributedType.DEEPSPEED, 8)
+    ds_file = RECIPES.parent / zero3.deepspeed_config["deepspeed_config_file"]  # relative to the repository root
+    ds = json.loads(ds_file.read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] == "auto"
+    for recipe in ("dpo-full.yaml", "hypo-full.yaml"):  # DeepSpeed's micro-batch and accumulation are the recipe's
+        config = HyPOConfig(**read_config_file(RECIPES / "ultrafeedback-llama3-8b" / recipe))
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+            (config.per_device_train_batch_size, config.gradient_accumulation_steps)
+        assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 128
 
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -125,6 +152,20 @@ def test_train_recipe_dry_run(recipe, hub, tiny_model_dir, tmp_path):
     assert config["dataset_split"] in ("train", "train_prefs") and (out / "model" / "config.json").is_file()
     if config["use_peft"]:
         assert (out / "model" / "adapter").is_dir()
+    if config["mixed_precision"] == "bf16":  # bf16 compute on float32 master weights: the small steps are kept
+        assert changed_fraction(tiny_model_dir, out / "model") > 0.5  # a bf16 weight would keep none of them
+
+
+def changed_fraction(before: Path, after: Path) -> float:
+    """Fraction of weight elements that differ between two saved models; both must hold float32 weights.
+    With learning rate 5e-7, an AdamW step moves a weight of ~0.02 by ~5e-7: representable in float32, below
+    bfloat16's spacing there (0.02 x 2**-8 = 7.8e-5)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(before / "model.safetensors")), load_file(str(after / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in (*a.values(), *b.values()))
+    changed = sum(int((a[k] != b[k]).sum()) for k in a)
+    return changed / sum(t.numel() for t in a.values())
 
 
 @pytest.mark.parametrize("recipe", SFT_RECIPES, ids=lambda p: p.stem)

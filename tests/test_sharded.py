@@ -1,6 +1,8 @@
 """Sharded training on 2 CPU processes (gloo) with FSDP2's `fully_shard`, the sharding accelerate applies
 on GPUs: the collective save (full weights gathered to the main process), generation on gathered weights,
-and the collective evaluation give the same model and evaluation as one unsharded process."""
+the sharded reference with its cache in lock-step, and the collective evaluations give the same model and
+evaluation as one unsharded process. A process that skipped a forward of the sharded reference would leave
+the other waiting in a collective: the run is killed after `TIMEOUT_S`."""
 
 from __future__ import annotations
 
@@ -10,19 +12,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import build_model
+
 WORKER = Path(__file__).with_name("sharded_worker.py")
+PYTHONPATH = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"),
+                             os.environ.get("PYTHONPATH", "")])  # this checkout's hypo, not an installed one
+TIMEOUT_S = 240  # each run takes about 10-20 s on 2 cores
 
 
 def _run(command: list[str], **env) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent), **env})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH, **env})
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_fsdp2_sharded_training_saves_and_evaluates_like_one_process(tiny_model_dir, tiny_task, tmp_path):
+def test_fsdp2_sharded_policy_and_reference_train_save_and_evaluate_like_one_process(tiny_model_dir, tiny_task, tmp_path):
     files = [str(tiny_model_dir), str(tiny_task["pairs"]), str(tiny_task["prompts"]), str(tiny_task["eval_prompts"])]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     _run([torchrun, "--nproc_per_node", "2", "--master_port", "29547", str(WORKER), str(tmp_path / "sharded"),
@@ -40,3 +48,97 @@ def test_fsdp2_sharded_training_saves_and_evaluates_like_one_process(tiny_model_
     b = json.loads((tmp_path / "single" / "eval_results.json").read_text())["metrics"]
     assert a["num_completions"] == b["num_completions"] == 4 and a["win_rate"] == b["win_rate"]
     assert abs(a["objective/kl"] - b["objective/kl"]) < 1e-4 and b["objective/kl"] != 0
+
+    ranks = [json.loads((tmp_path / "sharded" / f"rank{i}.json").read_text()) for i in (0, 1)]
+    one = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    # the reference is sharded: each process holds half of its weights
+    assert [r["reference_local_numel"] * 2 for r in ranks] == [one["reference_numel"]] * 2 == \
+        [one["reference_local_numel"]] * 2
+    # step 1: process 0 had its rows cached, process 1 not: both ran the reference (2 forwards: prompts, then
+    # completions); step 3 starts the second epoch: every row is cached on every process, neither ran it
+    assert ranks[0]["reference_calls"] == ranks[1]["reference_calls"] == [[2, 2], [2, 2], [0, 2]]
+    assert one["reference_calls"] == [[0, 2], [2, 2], [2, 2], [2, 2], [0, 2], [0, 2]]
+    # both processes cache all 8 rows, with the values one process computes
+    assert ranks[0]["cache"] == ranks[1]["cache"] and ranks[0]["cache"].keys() == one["cache"].keys()
+    assert len(one["cache"]) == 8
+    for row, values in one["cache"].items():
+        torch.testing.assert_close(ranks[0]["cache"][row], values, rtol=0, atol=1e-4)
+    for key, value in one["pair_metrics"].items():  # held-out pairs: each process scored half of them
+        assert abs(ranks[0]["pair_metrics"][key] - value) < 1e-5 and ranks[1]["pair_metrics"][key] == \
+            ranks[0]["pair_metrics"][key], key
+
+
+def test_a_batch_needs_the_reference_unless_every_row_is_cached():
+    from hypo.steps import needs_reference_forward
+
+    cache = {3: (-1.0, -2.0), 5: (-3.0, -4.0)}
+    assert needs_reference_forward([3, 5], cache) is False
+    assert needs_reference_forward([3, 7], cache) is True
+    assert needs_reference_forward([3, 5], None) is True  # no cache: always
+    assert needs_reference_forward([], {}) is False
+
+
+def test_any_process_is_the_local_flag_for_one_process():
+    from types import SimpleNamespace
+
+    from hypo.distributed import any_process
+
+    one = SimpleNamespace(num_processes=1)
+    assert any_process(one, True) is True and any_process(one, False) is False and any_process(None, True) is True
+
+
+def test_zero3_inference_config_drops_the_optimizer_and_sizes_buckets_by_the_hidden_size():
+    from hypo.distributed import zero3_inference_config
+
+    train = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+             "optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"},
+             "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}}
+    config = zero3_inference_config(train, hidden_size=4096)
+    assert "optimizer" not in config and "scheduler" not in config
+    assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 16_777_216,
+                                           "stage3_param_persistence_threshold": 40_960,
+                                           "stage3_prefetch_bucket_size": 15_099_494}  # 0.9 * 4096**2
+    assert config["bf16"] == {"enabled": True} and "optimizer" in train  # the run's config is not changed
+    with pytest.raises(ValueError, match="stage 2"):
+        zero3_inference_config({"zero_optimization": {"stage": 2}}, hidden_size=64)
+
+
+def test_an_fsdp1_run_is_told_to_use_fsdp2_for_the_reference(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from hypo.models import Reference
+
+    fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.FSDP, state=SimpleNamespace())
+    with pytest.raises(ValueError, match="--fsdp_version 2"):
+        Reference(build_model(tiny_tokenizer)).prepare(fsdp1)
+
+
+def test_deepspeed_gets_the_loops_micro_batch_and_accumulation():
+    from hypo.trainer import deepspeed_batch_settings
+
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    assert deepspeed_batch_settings(auto, micro_batch=4, accumulation=4) == \
+        {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}
+    assert deepspeed_batch_settings({}, micro_batch=2, accumulation=8) == \
+        {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}  # absent: DeepSpeed's default 1
+    recipe = json.loads((Path(__file__).parents[1] / "recipes" / "accelerate" / "zero3.json").read_text())
+    assert deepspeed_batch_settings(recipe, micro_batch=4, accumulation=4) == {}  # the recipe's own values
+    assert deepspeed_batch_settings(recipe, micro_batch=4, accumulation=8) == {"gradient_accumulation_steps": 8}
+
+
+def test_under_deepspeed_only_the_last_micro_step_ends_an_accumulation():
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from hypo.trainer import deepspeed_micro_step
+
+    marks = []
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                gradient_state=SimpleNamespace(_set_sync_gradients=marks.append))
+    options = [deepspeed_micro_step(deepspeed, last_micro=micro == 3) for micro in range(4)]
+    assert marks == [False, False, False, True]  # accelerate steps the engine on the last backward only
+    assert options == [{"scale_wrt_gas": False}] * 4  # the loop divides by the accumulation itself
+    assert deepspeed_micro_step(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), last_micro=False) == {}

@@ -1,15 +1,20 @@
 """Sharded training (FSDP2, DeepSpeed ZeRO-3): the operations every process must join.
 
-Under sharding each process holds a slice of the weights, so three things that are local elsewhere become
+Under sharding each process holds a slice of the weights, so things that are local elsewhere become
 collective: writing the model (the full weights are gathered to the main process), generating (the
 weights are gathered once for the whole `generate` call instead of once per decoding step and layer),
-and checking the weights. Without sharding these functions do the plain local thing, so the loop calls
+checking the weights, and every forward pass (each layer's weights are all-gathered as it runs). The frozen
+reference is sharded like the policy (`shard_frozen_fsdp2`, `shard_frozen_zero3`), so its forwards are
+collective too: every process must run them the same number of times (`any_process` keeps the reference
+log-prob cache in lock-step). Without sharding these functions do the plain local thing, so the loop calls
 them unconditionally.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -80,3 +85,71 @@ def all_finite(accelerator, parameters) -> bool:
     if accelerator.num_processes > 1:
         finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
     return bool(finite == 1)
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` is True on any process (an all-reduce when there are several: every process must call
+    it); the local `flag` otherwise."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
+    return bool(count > 0)
+
+
+# --------------------------------------------------------------------------- the frozen reference
+
+
+def shard_frozen_fsdp2(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Shard a frozen model (the reference) across processes as accelerate's FSDP2 plugin shards the policy:
+    the same `fsdp2_prepare_model` (one group per decoder layer, the embeddings and head, then the root; the
+    plugin's mesh, mixed precision and CPU offload; with `cpu_ram_efficient_loading` the main process's
+    weights broadcast to the others, whose copies transformers left empty). Every group then reshards after
+    its forward: a frozen model has no backward that weights kept gathered would serve, so between forwards
+    each process holds 1/N of it. Collective: every process must call it, and then run each of its forwards.
+    """
+    from accelerate.utils import fsdp2_prepare_model
+
+    model.requires_grad_(False)
+    model = fsdp2_prepare_model(accelerator, model)
+    for module in fsdp_modules(model):
+        module.set_reshard_after_forward(True, recurse=False)
+    return model.eval()
+
+
+def zero3_inference_config(train_config: dict[str, Any], hidden_size: int | None) -> dict[str, Any]:
+    """A DeepSpeed config for a frozen ZeRO-3 model, from the run's (training) config: the same ZeRO-3
+    partitioning and precision, without the optimizer, scheduler and optimizer offload (no optimizer is
+    given), and with bucket sizes from the hidden size as transformers and TRL choose them for inference.
+
+    Example: hidden_size 4096 -> stage3_prefetch_bucket_size 0.9 * 4096**2, param_persistence 40960.
+    """
+    config = copy.deepcopy(train_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(f"zero3_inference_config needs a ZeRO stage 3 config, got stage {zero.get('stage')}")
+    zero.pop("offload_optimizer", None)
+    if hidden_size:
+        zero.update({"reduce_bucket_size": hidden_size * hidden_size,
+                     "stage3_param_persistence_threshold": 10 * hidden_size,
+                     "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size)})
+    return config
+
+
+def uses_zero3(accelerator) -> bool:
+    """Whether the run is DeepSpeed ZeRO stage 3 (parameters partitioned across processes)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def shard_frozen_zero3(accelerator, model: torch.nn.Module):
+    """Partition a frozen model (the reference) with ZeRO-3 like the policy: a DeepSpeed engine with no
+    optimizer (`zero3_inference_config`), in eval mode. Collective, like `shard_frozen_fsdp2`."""
+    import deepspeed
+
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+    config = zero3_inference_config(accelerator.state.deepspeed_plugin.deepspeed_config, hidden_size)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.eval()

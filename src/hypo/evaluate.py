@@ -300,15 +300,16 @@ def format_summary(metrics: dict[str, float], settings: dict[str, Any] | None = 
 def evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step: int, *,
                              final: bool = False, output_dir: Path | None = None) -> dict[str, Any] | None:
     """The held-out evaluation of a training run (`data`: a `hypo.data.TrainingData`), logged as `eval_*`
-    keys at `step`. Every process joins (under FSDP2 / ZeRO-3 the policy's full weights are gathered
-    first); the main process evaluates while the others wait. Every `eval_steps` it uses the first
+    keys at `step`. Every process joins (under FSDP2 / ZeRO-3 the full weights of the policy and of the
+    reference are gathered first: the main process then runs both alone); the main process evaluates while
+    the others wait. Every `eval_steps` it uses the first
     `eval_max_prompts_during_training` prompts; the `final` one uses `eval_max_prompts` and also writes
     eval_results.json, eval_samples.jsonl and eval_report.md. Returns the results on the main process
     (None elsewhere)."""
     from hypo.distributed import gathered_for_generation
 
     results = None
-    with gathered_for_generation(accelerator.unwrap_model(policy)) as model:
+    with gathered_for_generation(accelerator.unwrap_model(policy)) as model, reference.gathered():
         if accelerator.is_main_process:
             limit = config.eval_max_prompts if final else \
                 (config.eval_max_prompts_during_training or config.eval_max_prompts)

@@ -386,11 +386,44 @@ class Reference:
         return self
 
     def prepare(self, accelerator) -> Reference:
-        """On the accelerator's device, its forward under the accelerator's autocast (mixed precision) like
-        the policy's, never wrapped for training (no DDP). A LoRA reference is the prepared policy itself."""
-        if self.model is not None:
+        """Place the reference as the policy is placed, never wrapped for training (no DDP, no optimizer):
+        - FSDP2: sharded like the policy (`hypo.distributed.shard_frozen_fsdp2`): 1/N of its weights per
+          process, its forward in the plugin's mixed precision. accelerate's `prepare_model(evaluation_mode=True)`
+          would neither shard it nor (under FSDP) move it to the GPU;
+        - DeepSpeed ZeRO-3: partitioned like the policy by an engine without optimizer
+          (`hypo.distributed.shard_frozen_zero3`, TRL's way);
+        - otherwise: on the accelerator's device, its forward under the accelerator's autocast like the policy's.
+        Sharded, every forward of the reference is collective. A LoRA reference is the prepared policy itself.
+        """
+        if self.model is None:
+            return self
+        from accelerate import DistributedType
+
+        from hypo.distributed import shard_frozen_fsdp2, shard_frozen_zero3, uses_zero3
+
+        if accelerator.is_fsdp2:
+            self.model = shard_frozen_fsdp2(accelerator, self.model)
+        elif accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("hypo shards the reference with FSDP2 only: launch with --fsdp_version 2 "
+                             "(fsdp_version: 2 in the accelerate config)")
+        elif uses_zero3(accelerator):
+            self.model = shard_frozen_zero3(accelerator, self.model)
+        else:
             self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
         return self
+
+    @contextmanager
+    def gathered(self):
+        """The reference's full weights on every process for the duration (collective when it is sharded), so
+        that one process alone may run it (evaluation, sampling the reference). A LoRA reference is the policy:
+        gathering the policy gathers it."""
+        from hypo.distributed import gathered_for_generation
+
+        if self.model is None:
+            yield self
+            return
+        with gathered_for_generation(self.model):
+            yield self
 
 
 def load_policy_and_reference(config, checkpoint: Path | None = None):

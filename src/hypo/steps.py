@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hypo.config import HyPOConfig
-from hypo.distributed import gathered_for_generation
+from hypo.distributed import any_process, gathered_for_generation
 from hypo.logprobs import completion_logps, shared_prompt_logps
 from hypo.losses import dpo_loss, kl_estimates, kl_surrogate
 from hypo.models import Reference
@@ -38,6 +38,7 @@ class StepContext:
     ref_cache: dict[int, tuple[float, float]] | None  # reference log-probs of offline pairs by row index
     timer: StepTimer = field(default_factory=StepTimer)
     vllm_sampler: Any = None  # with use_vllm: the engine that draws the online samples (`hypo.vllm_sampling`)
+    accelerator: Any = None  # with several processes: keeps the reference cache in lock-step (None: one process)
 
 
 @dataclass
@@ -85,17 +86,37 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, pad_token_id: int,
     return logps.chunk(2)
 
 
+def needs_reference_forward(indices: list[int], cache: dict[int, tuple[float, float]] | None) -> bool:
+    """Whether a batch of pairs must run the reference: there is no cache, or a row of it is not cached.
+
+    Example: indices [3, 5], cache {3: ..} -> True; cache {3: .., 5: ..} -> False; cache None -> True.
+    """
+    return cache is None or any(i not in cache for i in indices)
+
+
 @torch.no_grad()
 def reference_pair_logps(ctx: StepContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs of a batch of pairs; with a cache, each pair is scored once per run."""
+    """Reference log-probs of a batch of pairs; with a cache, each pair is scored once per run.
+
+    With several processes the cache stays in lock-step: the reference runs on every process when any
+    process misses (a sharded reference's forward is collective: a process that skipped it would leave the
+    others waiting in its all-gather), and every process caches the rows all of them scored, so each holds
+    the same cache (a row comes back on another process in a later epoch).
+    """
     indices, cache = batch["index"].tolist(), ctx.ref_cache
-    if cache is None or any(i not in cache for i in indices):
+    miss = needs_reference_forward(indices, cache)
+    if cache is not None:
+        miss = any_process(ctx.accelerator, miss)  # the same decision on every process
+    if miss:
         with ctx.reference.active() as ref_model:
             chosen, rejected = pair_logps(ref_model, batch, pad_token_id=ctx.pad_token_id,
                                           share_prompt=ctx.share_prompt)
         if cache is None:
             return chosen, rejected
-        cache.update({i: (c, r) for i, c, r in zip(indices, chosen.tolist(), rejected.tolist(), strict=True)})
+        rows = torch.stack([batch["index"].double(), chosen.double(), rejected.double()], dim=1)  # (B, 3)
+        if ctx.accelerator is not None and ctx.accelerator.num_processes > 1:
+            rows = ctx.accelerator.gather(rows)  # (P * B, 3): every process's rows, in process order
+        cache.update({int(i): (c, r) for i, c, r in rows.tolist()})
     device = batch["index"].device
     chosen = torch.tensor([cache[i][0] for i in indices], device=device)
     rejected = torch.tensor([cache[i][1] for i in indices], device=device)

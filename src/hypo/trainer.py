@@ -102,6 +102,48 @@ def runs_one_backward(accelerator, online: bool) -> bool:
     return online and accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def deepspeed_batch_settings(ds_config: dict[str, Any], *, micro_batch: int, accumulation: int) -> dict[str, int]:
+    """The DeepSpeed config's micro-batch and gradient accumulation that differ from the run's (`auto` and
+    absent ones included): the loop takes its batches itself (no dataloader tells accelerate the micro-batch),
+    and DeepSpeed steps its optimizer after `gradient_accumulation_steps` backward calls, which must be the
+    loop's micro-steps.
+
+    Example: {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 4}, micro_batch 2,
+    accumulation 4 -> {"train_micro_batch_size_per_gpu": 2}.
+    """
+    wanted = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation}
+    return {key: value for key, value in wanted.items() if ds_config.get(key, "auto") != value}
+
+
+def configure_deepspeed(accelerator, config: HyPOConfig) -> None:
+    """Under DeepSpeed, before `prepare`: the engine gets the loop's micro-batch and accumulation (a DeepSpeed
+    config that says otherwise is overridden, with a warning naming its values)."""
+    import logging
+
+    plugin = accelerator.state.deepspeed_plugin
+    changes = deepspeed_batch_settings(plugin.deepspeed_config, micro_batch=config.per_device_train_batch_size,
+                                       accumulation=config.gradient_accumulation_steps)
+    given = {key: plugin.deepspeed_config.get(key, "auto") for key in changes}
+    if any(value != "auto" for value in given.values()):
+        logging.getLogger(__name__).warning("DeepSpeed config %s replaced by the run's %s", given, changes)
+    plugin.deepspeed_config.update(changes)
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+
+
+def deepspeed_micro_step(accelerator, last_micro: bool) -> dict[str, Any]:
+    """Under DeepSpeed, accelerate's `backward` steps the engine (and its optimizer, at DeepSpeed's accumulation
+    boundary) when `sync_gradients` is set, and the engine divides the loss by its accumulation steps. The loop
+    runs one backward per micro-step under DeepSpeed and divides the loss itself, so: mark the last micro-step
+    of an optimizer step as the boundary, and turn the engine's division off (transformers' Trainer does both
+    the same way). Returns the keyword arguments of `accelerator.backward`; elsewhere nothing to do."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return {}
+    accelerator.gradient_state._set_sync_gradients(last_micro)
+    return {"scale_wrt_gas": False}
+
+
 def gradient_sync(accelerator, model, sync: bool):
     """Under data parallelism, gradients are all-reduced only in the backward passes run with sync=True
     (the last of an optimizer step); elsewhere this is a no-op."""
@@ -113,7 +155,7 @@ def train(config: HyPOConfig) -> RunResult:
 
     Raises `TrainingInterrupted` after saving a checkpoint when SIGINT or SIGTERM arrives, and
     `NonFiniteError` (without stepping the optimizer) when a loss or the gradient is not finite."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -166,6 +208,8 @@ def train(config: HyPOConfig) -> RunResult:
     optimizer = make_optimizer(trainable, config, accelerator.device)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, config)
     policy, optimizer = accelerator.prepare(policy, optimizer)  # the policy's forward runs under autocast
     reference.prepare(accelerator)  # on the device, under the same autocast, never wrapped for training
     state = TrainerState(step=start_step, ref_cache={} if config.precompute_ref_log_probs else None)
@@ -177,7 +221,7 @@ def train(config: HyPOConfig) -> RunResult:
     ctx = StepContext(policy=policy, sampler=sampler, reference=reference, config=config,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(sampler, tokenizer),
                       share_prompt=shares_prompt_forward(config, accelerator.device),
-                      ref_cache=state.ref_cache)
+                      ref_cache=state.ref_cache, accelerator=accelerator)
     if online and config.use_vllm:  # samples from a vLLM engine that gets the policy's weights every step
         from hypo.models import resolve_model_path
         from hypo.vllm_sampling import make_vllm_sampler, push_policy
@@ -201,12 +245,13 @@ def train(config: HyPOConfig) -> RunResult:
         tokens, finite = torch.zeros((), device=accelerator.device), torch.ones(2, device=accelerator.device)
         for micro in range(ga):
             last_micro = micro == ga - 1
+            backward_options = deepspeed_micro_step(accelerator, last_micro)  # {} unless DeepSpeed
             # 1. offline term on a batch of pairs, backpropagated at once: its activations are freed
             #    before sampling starts (peak memory is the larger term, not the sum)
             with gradient_sync(accelerator, policy, sync=last_micro and not online):
                 offline = dpo_step(ctx, next(pairs))
                 if not one_backward:
-                    accelerator.backward(offline.loss / ga)
+                    accelerator.backward(offline.loss / ga, **backward_options)
             loss, metrics, tokens = offline.loss.detach(), offline.metrics, tokens + offline.tokens
             finite[0] *= torch.isfinite(loss)
             # 2. (HyPO) online term: k fresh samples per prompt from the current policy
@@ -214,7 +259,8 @@ def train(config: HyPOConfig) -> RunResult:
                 with gradient_sync(accelerator, policy, sync=last_micro):
                     kl = kl_step(ctx, next(prompts))
                     online_loss = config.kl_coef * kl.loss  # loss = loss_dpo + lambda * loss_kl
-                    accelerator.backward((offline.loss + online_loss if one_backward else online_loss) / ga)
+                    accelerator.backward((offline.loss + online_loss if one_backward else online_loss) / ga,
+                                         **backward_options)
                 loss, metrics, tokens = loss + online_loss.detach(), {**metrics, **kl.metrics}, tokens + kl.tokens
                 finite[1] *= torch.isfinite(online_loss.detach())
             for key, value in {"loss": loss, **metrics}.items():
