@@ -28,3 +28,45 @@ def test_two_process_training_under_accelerate_launch(tiny_model_dir, tiny_task,
     assert train_records[0]["loss/dpo"] > 0.69 and "objective/kl" in train_records[0]
     assert (out / "model" / "model.safetensors").is_file()
     assert proc.stdout.count("hypo train (method hypo)") == 1  # one summary
+
+
+GENERATION_KEEPS_RESHARD_SETTINGS = r"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from hypo.distributed import gathered_for_generation
+
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+fully_shard(model[1])
+fully_shard(model)
+
+
+def reshards(module):  # None: weights stay gathered after forward (FSDP2's choice for the root)
+    return [g.post_forward_mesh_info is not None for g in module._get_fsdp_state()._fsdp_param_groups]
+
+
+model(torch.randn(2, 4)).sum().backward()  # the first forward settles the root's setting
+before = (reshards(model), reshards(model[1]))
+with gathered_for_generation(model):
+    model(torch.randn(2, 4))
+after = (reshards(model), reshards(model[1]))
+model(torch.randn(2, 4)).sum().backward()
+print(json.dumps({"before": before, "after": after}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_generation_under_fsdp2_puts_back_each_module_s_reshard_setting(tmp_path):
+    """The root keeps its weights gathered from forward to backward (FSDP2's default); a generation must not
+    leave it resharding after every forward (an extra all-gather of the embeddings per step)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", GENERATION_KEEPS_RESHARD_SETTINGS, str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert settings["before"] == settings["after"] == [[False], [True]]  # root: stays gathered; layer: reshards

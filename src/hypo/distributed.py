@@ -54,15 +54,16 @@ def gathered_for_generation(model: torch.nn.Module):
     for generation). Generation then runs locally, so processes may stop at different lengths."""
     modules = fsdp_modules(model)
     if modules:
+        settings = [_reshard_setting(module) for module in modules]
         for module in modules:
             module.set_reshard_after_forward(False, recurse=False)
             module.unshard()
         try:
             yield model
         finally:
-            for module in modules:
+            for module, setting in zip(modules, settings, strict=True):
                 module.reshard()
-                module.set_reshard_after_forward(True, recurse=False)
+                _restore_reshard_setting(module, setting)
         return
     if is_zero3(model):
         import deepspeed
@@ -71,6 +72,27 @@ def gathered_for_generation(model: torch.nn.Module):
             yield model
         return
     yield model
+
+
+def _reshard_setting(module) -> tuple | None:
+    """An FSDP2 module's reshard-after-forward setting as torch keeps it (the root's is chosen automatically,
+    False: its weights stay gathered from forward to backward); None where torch's private state differs."""
+    try:
+        state = module._get_fsdp_state()
+        return state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups]
+    except AttributeError:
+        return None
+
+
+def _restore_reshard_setting(module, setting: tuple | None) -> None:
+    """Put back what `_reshard_setting` read (or reshard after forward, the public default, without it)."""
+    if setting is None:
+        module.set_reshard_after_forward(True, recurse=False)
+        return
+    state = module._get_fsdp_state()
+    state._auto_reshard_after_forward = setting[0]
+    for group, mesh_info in zip(state._fsdp_param_groups, setting[1], strict=True):
+        group.post_forward_mesh_info = mesh_info
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
