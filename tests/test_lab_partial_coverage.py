@@ -189,3 +189,66 @@ def test_report_from_run_files(tmp_path):
     # at KL 1 (half): DPO halfway from the reference (0.5) to step 32 (0.6 / 0.7 / 0.8)
     assert summary["matched_kl"]["hypo-kl0.5"][1]["dpo_mean"] == pytest.approx([0.55, 0.6, 0.65])
     assert "| 64 |" in (tmp_path / "summary.md").read_text()
+
+
+# --- the grid: resuming, the gate, and one tiny end-to-end run ---------------------------------------------
+
+
+def _fake_run(method, kl_coef, seed, off_range):
+    checkpoints = [_evaluation(32, 1.0, [0.6, 0.6, 0.6]), _evaluation(64, 2.0, [0.7, 0.7, 0.7])]
+    for c in checkpoints:
+        c["off_range"] = [off_range, 0.01]
+    return {"run": {"method": method, "kl_coef": kl_coef, "seed": seed}, "checkpoints": checkpoints}
+
+
+@pytest.mark.parametrize("dpo_off_range, runs_kept", [(0.5, 4), (0.2, 4)])
+def test_finished_runs_are_skipped_and_the_gate_stops_the_grid(tmp_path, dpo_off_range, runs_kept, capsys):
+    from hypo.lab.partial_coverage import PCLabConfig, run_partial_coverage_lab
+
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    (runs_dir / "world").mkdir(parents=True)
+    (runs_dir / "world" / "world.json").write_text("{}")
+    (out / "runs").mkdir(parents=True)
+    (out / "reference.json").write_text(json.dumps(_evaluation(0, 0.0, [0.5, 0.5, 0.5])))  # off range 0.2
+    config = PCLabConfig(seeds=(1, 2), kl_coefs=(0.05,))
+    for run in config.runs():  # every run finished already: nothing is started
+        off = dpo_off_range if run.method == "dpo" else 0.2
+        (out / "runs" / f"{run.name}.json").write_text(json.dumps(_fake_run(run.method, run.kl_coef, run.seed, off)))
+    run_partial_coverage_lab(config, runs_dir, out)
+    printed = capsys.readouterr().out
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["passed"] == (dpo_off_range == 0.5) and gate["rise"] == pytest.approx(dpo_off_range - 0.2)
+    if gate["passed"]:
+        assert printed.count("done already") == runs_kept
+    else:
+        assert printed.count("done already") == 1 and "the grid stops here" in printed
+    assert (out / "summary.md").is_file() and (out / "world.json").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end(tmp_path):
+    """A tiny world (256 pretraining texts, one epoch), DPO and HyPO with 2 steps each through the real trainer
+    in their own processes, 8 evaluation prompts: the JSON files and the tables come out."""
+    from hypo.lab.partial_coverage import PCLabConfig, run_partial_coverage_lab
+    from hypo.tasks.partial_coverage import world as world_module
+
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    settings = dict(world_module.PRETRAIN)
+    world_module.PRETRAIN.update(epochs=1, warmup_steps=2)
+    try:
+        record = world_module.build_world(runs_dir / "world", seed=0, log=lambda s: None, pretrain_texts=256)
+    finally:
+        world_module.PRETRAIN.update(settings)
+    assert record["pairs"]["in_range"] == 1.0
+    config = PCLabConfig(seeds=(0,), kl_coefs=(0.05,), batch_size=256, epochs=1, eval_prompts=8, eval_samples=2,
+                         gate=False)
+    run_partial_coverage_lab(config, runs_dir, out)
+    results = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert sorted(results) == ["dpo-s0", "hypo-kl0.05-s0"]
+    for result in results.values():
+        assert [c["step"] for c in result["checkpoints"]] == [1, 2]
+        assert len(result["checkpoints"][0]["per_prompt"]["penalize"]["win"]) == 8
+        assert result["checkpoints"][-1]["kl"][0] > 0
+    assert not (runs_dir / "dpo-s0").exists()  # checkpoints deleted after evaluation
+    assert "objective/kl" in results["hypo-kl0.05-s0"]["training_curve"][0]
+    assert "DPO - hypo-kl0.05" not in (out / "summary.md").read_text()  # one seed: no paired interval
