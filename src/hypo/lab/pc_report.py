@@ -216,9 +216,42 @@ def _plain(value):
     return value
 
 
-def write_report(out: Path) -> dict[str, Any]:
+COLORS = {"dpo": "tab:blue", "hypo-kl0.01": "tab:orange", "hypo-kl0.05": "tab:green"}
+
+
+def plot(out: Path, reference: dict, groups: dict[str, list[dict]]) -> None:
+    """`curves.png`: per setting, each seed's off-range rate and worst-world win rate over training, and the
+    worst-world win rate against the reverse KL (log scale) with the reference at KL 0 left out."""
+    from hypo.report import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, group in groups.items():
+        color = COLORS.get(name)
+        for i, result in enumerate(group):
+            traj = trajectory(reference, result)
+            steps = [c["step"] for c in traj]
+            worst = [min(c["worlds"][w]["win_rate"][0] for w in WORLDS) for c in traj]
+            label = name if i == 0 else None
+            axes[0].plot(steps, [c["off_range"][0] for c in traj], color=color, alpha=0.5, label=label)
+            axes[1].plot(steps, worst, color=color, alpha=0.5, label=label)
+            axes[2].plot([c["kl"][0] for c in traj[1:]], worst[1:], color=color, alpha=0.5, marker=".", label=label)
+    axes[0].set(xlabel="optimizer step", ylabel="off-range rate (L outside [8, 12] or no EOS)")
+    axes[1].set(xlabel="optimizer step", ylabel="worst-world win rate vs reference")
+    axes[2].set(xlabel="reverse KL to reference (k1, nats, log scale)", ylabel="worst-world win rate", xscale="log")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("Partial-coverage lab: one line per seed (held-out prompts, 4 samples each)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, plots: bool = True) -> dict[str, Any]:
     summary = analyse(out)
-    reference, _ = load_results(out)
+    reference, groups = load_results(out)
+    if plots and reference is not None and groups:
+        plot(out, reference, groups)
     gate = json.loads((out / "gate.json").read_text()) if (out / "gate.json").is_file() else None
     (out / "summary.json").write_text(json.dumps(_plain(summary), indent=1) + "\n")
     (out / "summary.md").write_text(markdown(summary, reference, gate))
