@@ -3,6 +3,8 @@
 - `bandit`: exact contextual-bandit sweeps (`hypo.lab.experiments`), minutes on a CPU.
 - `lm`: DPO, HyPO and RLHF runs on the embedded language model (`hypo.lab.lm`), hours on a CPU, resumable.
 - `rlhf`: one RLHF baseline run (`hypo.lab.rlhf`); it takes `hypo train`'s options plus the reward model's.
+- `partial-coverage`: DPO and HyPO on a synthetic language with partial coverage by construction, judged in
+  three gold worlds (`hypo.lab.partial_coverage`), under an hour on a CPU, resumable.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ USAGE = """hypo lab: the coverage lab (arXiv 2406.01462)
   hypo lab bandit [--quick] [--seed N] [--instances N] [--regimes A,B] [--output_dir D]
   hypo lab lm [--seeds 42,43,44] [--methods dpo,hypo,rlhf] [--runs_dir D] [--output_dir D]
   hypo lab rlhf --output_dir D [hypo train options] [--reward_model_dir D ...]
+  hypo lab partial-coverage [--seeds 1,...,8] [--kl_coefs A,B] [--runs_dir D] [--output_dir D] [--collect_only]
 
 `hypo lab <experiment> --help` lists every option.
 """
@@ -130,9 +133,50 @@ def run_rlhf(argv: list[str]) -> int:
     return 0
 
 
+def partial_coverage_parser() -> argparse.ArgumentParser:
+    from hypo.lab.partial_coverage import PCLabConfig
+
+    d = PCLabConfig()
+    p = argparse.ArgumentParser(prog="hypo lab partial-coverage", description="DPO and HyPO on a synthetic language "
+                                "whose offline pairs never vary the response length outside [8, 12], judged in three "
+                                "gold worlds that agree on every pair (docs/coverage-lab-partial.md). Resumable.")
+    p.add_argument("--runs_dir", default="runs/lab-partial-coverage", help="World model, logs and (temporary) run "
+                   "folders.")
+    p.add_argument("--output_dir", default="docs/lab-results/partial-coverage", help="Per-run JSON results, "
+                   "reference.json, gate.json, summary.md/json; a run whose JSON exists is skipped.")
+    p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="Training seeds (DPO and each HyPO "
+                   "kl_coef per seed).")
+    p.add_argument("--kl_coefs", default=",".join(f"{k:g}" for k in d.kl_coefs), help="HyPO's kl_coef values.")
+    p.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--no_gate", action="store_true", help="Run the whole grid even if the first DPO run does not "
+                   "move off the data's range (the preregistered gate is on by default).")
+    p.add_argument("--collect_only", action="store_true", help="Only rebuild summary.md/json from the JSON files.")
+    return p
+
+
+def run_partial_coverage(argv: list[str]) -> int:
+    from hypo.lab.partial_coverage import PCLabConfig, run_partial_coverage_lab
+
+    args = partial_coverage_parser().parse_args(argv)
+    config = PCLabConfig(seeds=tuple(int(s) for s in args.seeds.split(",") if s),
+                         kl_coefs=tuple(float(k) for k in args.kl_coefs.split(",") if k),
+                         learning_rate=args.learning_rate, epochs=args.epochs, gate=not args.no_gate)
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    try:
+        run_partial_coverage_lab(config, Path(args.runs_dir), out, collect_only=args.collect_only,
+                                 log=lambda s: print(s, flush=True))
+    except RuntimeError as error:
+        print(f"hypo lab partial-coverage: {error}", file=sys.stderr)
+        return 1
+    print(f"hypo lab partial-coverage: done in {time.perf_counter() - start:.1f} s; tables: {out / 'summary.md'}")
+    return 0
+
+
 def run_lab(argv: list[str]) -> int:
     """Entry point of `hypo lab ...`."""
-    experiments = {"bandit": run_bandit, "lm": run_lm, "rlhf": run_rlhf}
+    experiments = {"bandit": run_bandit, "lm": run_lm, "rlhf": run_rlhf, "partial-coverage": run_partial_coverage}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
