@@ -145,3 +145,30 @@ def test_eval_temperature_must_be_positive(tiny_tokenizer):
     with pytest.raises(ValueError, match="temperature must be > 0"):
         evaluate_policy(model, Reference(build_model(tiny_tokenizer)), tiny_tokenizer, _items(tiny_tokenizer, 1),
                         judge=None, num_samples=1, max_new_tokens=2, batch_size=1, seed=0, temperature=0.0)
+
+
+def test_the_frozen_reference_is_sampled_once_across_evaluations(tiny_tokenizer, monkeypatch):
+    """With a `baseline_samples` dict kept across calls (periodic evaluations of one run), the reference's
+    samples are drawn at the first call only, and are the samples a call without the dict draws; the policy,
+    which changes between evaluations, is sampled every time."""
+    import hypo.evaluate
+
+    policy, reference = _peaked(tiny_tokenizer, 2), Reference(_peaked(tiny_tokenizer, 3))
+    kwargs = dict(judge=None, num_samples=3, max_new_tokens=6, batch_size=2, seed=5)
+    items = _items(tiny_tokenizer)
+    plain = evaluate_policy(policy, reference, tiny_tokenizer, items, **kwargs)
+    sampled = []
+    generate = hypo.evaluate.generate_completions
+    monkeypatch.setattr(hypo.evaluate, "generate_completions", lambda model, *a, **k: sampled.append(model) or
+                        generate(model, *a, **k))
+    kept: dict = {}
+    first = evaluate_policy(policy, reference, tiny_tokenizer, items, baseline_samples=kept, **kwargs)
+    with torch.no_grad():  # the policy moves between evaluations
+        policy.lm_head.weight.mul_(0.5)
+    second = evaluate_policy(policy, reference, tiny_tokenizer, items, baseline_samples=kept, **kwargs)
+    batches = math.ceil(len(items) / 2)
+    assert [m is reference.model for m in sampled] == [False, True] * batches + [False] * batches
+    for results in (first, second):
+        assert [r["reference_text"] for r in results["samples"]] == [r["reference_text"] for r in plain["samples"]]
+    assert [r["policy_text"] for r in first["samples"]] == [r["policy_text"] for r in plain["samples"]]
+    assert first["metrics"] == plain["metrics"] and second["metrics"] != plain["metrics"]

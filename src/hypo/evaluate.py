@@ -75,9 +75,11 @@ def prompt_text(prompt: str | list[dict]) -> str:
 @torch.no_grad()
 def _score_batch(policy, reference, tokenizer, batch, *, num_samples, max_new_tokens, seed, baseline=None,
                  sample_baseline: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                 cache_implementation: str = "auto") -> dict[str, Any]:
+                 cache_implementation: str = "auto", baseline_samples: dict | None = None) -> dict[str, Any]:
     """Sample the policy, score its temperature-1 samples under policy and reference, and (if
-    `sample_baseline`) sample the baseline: the `baseline` model, or the reference when it is None.
+    `sample_baseline`) sample the baseline: the `baseline` model, or the reference when it is None. The
+    baseline is frozen, so with a `baseline_samples` dict its samples for the same prompts, seed and settings
+    are drawn once and reused (periodic evaluations during training).
 
     The judged completions use `temperature` and `top_p`; when these are not 1, the KL samples are drawn
     first (same seed as at temperature 1) and the judged policy samples continue the same random stream.
@@ -98,11 +100,14 @@ def _score_batch(policy, reference, tokenizer, batch, *, num_samples, max_new_to
     args = (kl_samples.prompt_input_ids, kl_samples.prompt_attention_mask, kl_samples.completion_ids,
             kl_samples.completion_mask)
     policy_logps = completion_logps(policy, *args)  # (G * k,)
+    key = (seed, num_samples, max_new_tokens, temperature, top_p, prompt_ids.cpu().numpy().tobytes(),
+           prompt_mask.cpu().numpy().tobytes())
+    cached = baseline_samples.get(key) if baseline_samples is not None and sample_baseline else None
     other = None
     with reference.active() as ref_model:
         ref_logps = completion_logps(ref_model, *args)  # (G * k,)
         torch.manual_seed(seed + 1)
-        if sample_baseline:
+        if sample_baseline and cached is None:
             model = ref_model if baseline is None else baseline
             other = generate_completions(model, prompt_ids, prompt_mask, eos_token_id=stop_token_ids(model, tokenizer),
                                          **common, **decoding)
@@ -116,8 +121,11 @@ def _score_batch(policy, reference, tokenizer, batch, *, num_samples, max_new_to
         scored["kl_sample_text"] = completion_texts(tokenizer, kl_samples)
         scored["kl_sample_length"] = kl_samples.lengths.tolist()
     if other is not None:
-        scored["reference_text"] = completion_texts(tokenizer, other)
-        scored["reference_length"] = other.lengths.tolist()
+        cached = {"reference_text": completion_texts(tokenizer, other), "reference_length": other.lengths.tolist()}
+        if baseline_samples is not None:
+            baseline_samples[key] = cached
+    if cached is not None:
+        scored.update(cached)
     return scored
 
 
@@ -170,7 +178,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
                     max_new_tokens: int, batch_size: int, seed: int, baseline=None,
                     baseline_texts: list[str] | None = None, baseline_name: str = "reference",
                     temperature: float = 1.0, top_p: float = 1.0,
-                    cache_implementation: str = "auto") -> dict[str, Any]:
+                    cache_implementation: str = "auto", baseline_samples: dict | None = None) -> dict[str, Any]:
     """Evaluate `policy` against `reference` (a `hypo.models.Reference`) on tokenized prompt items.
 
     The reverse KL is always to the reference, estimated on temperature-1 policy samples. The judge (a
@@ -178,7 +186,9 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
     the reference (default), of the `baseline` model, or the fixed response `baseline_texts[i]` of prompt i.
     Judged samples, policy and baseline, use `temperature` and `top_p`; when these are not 1 the KL is
     estimated on separate temperature-1 samples (settings: `kl_samples`). The global RNG state is restored
-    afterwards, so evaluating during training does not change the training run.
+    afterwards, so evaluating during training does not change the training run. `baseline_samples`: a dict
+    kept across calls, in which the frozen baseline's samples are drawn once (the same samples a call
+    without it draws).
     """
     from hypo.data import PromptCollator
     from hypo.judges import get_judge
@@ -200,7 +210,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
                 scored = _score_batch(policy, reference, tokenizer, batch, num_samples=num_samples,
                                       max_new_tokens=max_new_tokens, seed=seed + 2 * start, baseline=baseline,
                                       sample_baseline=baseline_texts is None, temperature=temperature, top_p=top_p,
-                                      cache_implementation=cache_implementation)
+                                      cache_implementation=cache_implementation, baseline_samples=baseline_samples)
                 if baseline_texts is not None:
                     scored.update(_baseline_columns(tokenizer, baseline_texts[start : start + batch_size], num_samples))
                 rows += _rows(items, start, num_samples, scored)
@@ -298,14 +308,15 @@ def format_summary(metrics: dict[str, float], settings: dict[str, Any] | None = 
 
 
 def evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step: int, *,
-                             final: bool = False, output_dir: Path | None = None) -> dict[str, Any] | None:
+                             final: bool = False, output_dir: Path | None = None,
+                             baseline_samples: dict | None = None) -> dict[str, Any] | None:
     """The held-out evaluation of a training run (`data`: a `hypo.data.TrainingData`), logged as `eval_*`
     keys at `step`. Every process joins (under FSDP2 / ZeRO-3 the full weights of the policy and of the
     reference are gathered first: the main process then runs both alone); the main process evaluates while
     the others wait. Every `eval_steps` it uses the first
     `eval_max_prompts_during_training` prompts; the `final` one uses `eval_max_prompts` and also writes
     eval_results.json, eval_samples.jsonl and eval_report.md. Returns the results on the main process
-    (None elsewhere)."""
+    (None elsewhere). `baseline_samples` (a dict the run keeps): the reference's samples are drawn once."""
     from hypo.distributed import gathered_for_generation
 
     results = None
@@ -318,7 +329,8 @@ def evaluate_during_training(accelerator, policy, reference, tokenizer, data, co
                                       num_samples=config.eval_num_samples, max_new_tokens=config.max_completion_length,
                                       batch_size=config.eval_batch_size, seed=config.seed,
                                       temperature=config.eval_temperature, top_p=config.eval_top_p,
-                                      cache_implementation=config.cache_implementation)
+                                      cache_implementation=config.cache_implementation,
+                                      baseline_samples=baseline_samples)
             if final:
                 write_eval_results(results, output_dir)
             run_logger.log({f"eval_{k}": v for k, v in results["metrics"].items()}, step)

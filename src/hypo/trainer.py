@@ -236,6 +236,7 @@ def train(config: HyPOConfig) -> RunResult:
         return save_checkpoint(accelerator, policy, tokenizer, output_dir, step, config.save_total_limit)
 
     policy.train()
+    reference_samples: dict = {}  # the frozen reference's evaluation samples, drawn once per run
     start, final_metrics, stop = time.perf_counter(), {}, StopSignals()
     progress = tqdm(range(start_step + 1, total_steps + 1), desc=config.method, initial=start_step, total=total_steps,
                     disable=not accelerator.is_local_main_process)
@@ -298,7 +299,8 @@ def train(config: HyPOConfig) -> RunResult:
         if config.eval_steps and step % config.eval_steps == 0 and \
                 not (step == total_steps and config.eval_at_end):  # the final evaluation covers the last step
             if data.eval_prompts:  # samples: reverse KL, judged win rate
-                evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step)
+                evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger, step,
+                                         baseline_samples=reference_samples)
             if data.eval_pairs:  # held-out pairs: eval_loss, eval_rewards/* (every process joins)
                 run_logger.log(evaluate_pairs(ctx, data.eval_pairs, batch_size=config.per_device_eval_batch_size,
                                               accelerator=accelerator), step)
@@ -312,7 +314,8 @@ def train(config: HyPOConfig) -> RunResult:
                        is_main_process=accelerator.is_main_process)
     if config.eval_at_end and data.eval_prompts:
         result.eval = evaluate_during_training(accelerator, policy, reference, tokenizer, data, config, run_logger,
-                                               total_steps, final=True, output_dir=output_dir)
+                                               total_steps, final=True, output_dir=output_dir,
+                                               baseline_samples=reference_samples)
     pair_metrics = None
     if config.eval_at_end and data.eval_pairs:
         pair_metrics = evaluate_pairs(ctx, data.eval_pairs, batch_size=config.per_device_eval_batch_size,
