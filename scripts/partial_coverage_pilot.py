@@ -14,12 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-from hypo.lab.partial_coverage import PCLabConfig, _child
+from hypo.lab.partial_coverage import PartialCoverageConfig, _child
 
 runs_dir = Path("runs/lab-partial-coverage")
 out = Path("docs/lab-results/partial-coverage/pilot")
 lr, kls, methods = float(sys.argv[1]), [float(k) for k in sys.argv[2].split(",") if k], sys.argv[3].split(",")
-config = PCLabConfig(seeds=(100,), kl_coefs=tuple(kls), learning_rate=lr)
+config = PartialCoverageConfig(seeds=(100,), kl_coefs=tuple(kls), learning_rate=lr)
 out.mkdir(parents=True, exist_ok=True)
 if not (runs_dir / "world" / "world.json").is_file():
     _child("world", config, runs_dir / "world", out, runs_dir)

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from hypo.lab.pc_analysis import (
+from hypo.lab.partial_coverage_analysis import (
     first_crossing,
     interpolate_at_kl,
     minimum_detectable_difference,
@@ -164,7 +164,7 @@ def _evaluation(step, kl, wins, prompts=6):
 
 
 def test_report_from_run_files(tmp_path):
-    from hypo.lab.pc_report import write_report
+    from hypo.lab.partial_coverage_report import write_report
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "reference.json").write_text(json.dumps(_evaluation(0, 0.0, [0.5, 0.5, 0.5])))
@@ -203,14 +203,14 @@ def _fake_run(method, kl_coef, seed, off_range):
 
 @pytest.mark.parametrize("dpo_off_range, runs_kept", [(0.5, 4), (0.2, 4)])
 def test_finished_runs_are_skipped_and_the_gate_stops_the_grid(tmp_path, dpo_off_range, runs_kept, capsys):
-    from hypo.lab.partial_coverage import PCLabConfig, run_partial_coverage_lab
+    from hypo.lab.partial_coverage import PartialCoverageConfig, run_partial_coverage_lab
 
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
     (runs_dir / "world").mkdir(parents=True)
     (runs_dir / "world" / "world.json").write_text("{}")
     (out / "runs").mkdir(parents=True)
     (out / "reference.json").write_text(json.dumps(_evaluation(0, 0.0, [0.5, 0.5, 0.5])))  # off range 0.2
-    config = PCLabConfig(seeds=(1, 2), kl_coefs=(0.05,))
+    config = PartialCoverageConfig(seeds=(1, 2), kl_coefs=(0.05,))
     for run in config.runs():  # every run finished already: nothing is started
         off = dpo_off_range if run.method == "dpo" else 0.2
         (out / "runs" / f"{run.name}.json").write_text(json.dumps(_fake_run(run.method, run.kl_coef, run.seed, off)))
@@ -229,7 +229,7 @@ def test_finished_runs_are_skipped_and_the_gate_stops_the_grid(tmp_path, dpo_off
 def test_tiny_grid_end_to_end(tmp_path):
     """A tiny world (256 pretraining texts, one epoch), DPO and HyPO with 2 steps each through the real trainer
     in their own processes, 8 evaluation prompts: the JSON files and the tables come out."""
-    from hypo.lab.partial_coverage import PCLabConfig, run_partial_coverage_lab
+    from hypo.lab.partial_coverage import PartialCoverageConfig, run_partial_coverage_lab
     from hypo.tasks.partial_coverage import world as world_module
 
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
@@ -240,7 +240,7 @@ def test_tiny_grid_end_to_end(tmp_path):
     finally:
         world_module.PRETRAIN.update(settings)
     assert record["pairs"]["in_range"] == 1.0
-    config = PCLabConfig(seeds=(0,), kl_coefs=(0.05,), batch_size=256, epochs=1, eval_prompts=8, eval_samples=2,
+    config = PartialCoverageConfig(seeds=(0,), kl_coefs=(0.05,), batch_size=256, epochs=1, eval_prompts=8, eval_samples=2,
                          gate=False)
     run_partial_coverage_lab(config, runs_dir, out)
     results = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}

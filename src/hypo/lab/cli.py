@@ -134,9 +134,9 @@ def run_rlhf(argv: list[str]) -> int:
 
 
 def partial_coverage_parser() -> argparse.ArgumentParser:
-    from hypo.lab.partial_coverage import PCLabConfig
+    from hypo.lab.partial_coverage import PartialCoverageConfig
 
-    d = PCLabConfig()
+    d = PartialCoverageConfig()
     p = argparse.ArgumentParser(prog="hypo lab partial-coverage", description="DPO and HyPO on a synthetic language "
                                 "whose offline pairs never vary the response length outside [8, 12], judged in three "
                                 "gold worlds that agree on every pair (docs/coverage-lab-partial.md). Resumable.")
@@ -156,10 +156,10 @@ def partial_coverage_parser() -> argparse.ArgumentParser:
 
 
 def run_partial_coverage(argv: list[str]) -> int:
-    from hypo.lab.partial_coverage import PCLabConfig, run_partial_coverage_lab
+    from hypo.lab.partial_coverage import PartialCoverageConfig, run_partial_coverage_lab
 
     args = partial_coverage_parser().parse_args(argv)
-    config = PCLabConfig(seeds=tuple(int(s) for s in args.seeds.split(",") if s),
+    config = PartialCoverageConfig(seeds=tuple(int(s) for s in args.seeds.split(",") if s),
                          kl_coefs=tuple(float(k) for k in args.kl_coefs.split(",") if k),
                          learning_rate=args.learning_rate, epochs=args.epochs, gate=not args.no_gate)
     start = time.perf_counter()

@@ -8,7 +8,7 @@ checkpoint every half epoch, then every checkpoint (and the final model) evaluat
 pairs), then the checkpoints deleted. Each run leaves one small JSON (`<output_dir>/runs/<name>.json`); a
 run whose JSON exists is skipped, so an interrupted grid resumes. The gate: after the first seed's DPO run,
 if DPO's off-range rate never rises 10 points above the reference's, the grid stops there.
-The tables are made by `hypo.lab.pc_report` from the committed JSON files.
+The tables are made by `hypo.lab.partial_coverage_report` from the committed JSON files.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ GATE_POINTS = 0.10
 
 
 @dataclass(frozen=True)
-class PCRun:
+class PartialCoverageRun:
     method: str  # dpo | hypo
     kl_coef: float
     seed: int
@@ -42,7 +42,7 @@ class PCRun:
 
 
 @dataclass
-class PCLabConfig:
+class PartialCoverageConfig:
     """The grid and the settings every run shares (preregistered in docs/coverage-lab-partial.md)."""
 
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
@@ -71,12 +71,13 @@ class PCLabConfig:
     def max_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
-    def runs(self) -> list[PCRun]:
+    def runs(self) -> list[PartialCoverageRun]:
         """Seed by seed: DPO, then HyPO at each kl_coef (the first run is the gate's)."""
-        return [r for s in self.seeds for r in (PCRun("dpo", 0.0, s), *(PCRun("hypo", k, s) for k in self.kl_coefs))]
+        return [run for seed in self.seeds for run in (PartialCoverageRun("dpo", 0.0, seed),
+                                                       *(PartialCoverageRun("hypo", k, seed) for k in self.kl_coefs))]
 
 
-def train_config(run: PCRun, config: PCLabConfig, world: Path, run_dir: Path):
+def train_config(run: PartialCoverageRun, config: PartialCoverageConfig, world: Path, run_dir: Path):
     from hypo.config import HyPOConfig
 
     return HyPOConfig(
@@ -176,7 +177,7 @@ def score_samples(rows: list[dict], max_new_tokens: int) -> dict[str, Any]:
 
 
 def evaluate_model(policy, reference, tokenizer, eval_items, pairs: dict[str, list[dict]],
-                   ref_pair_logps: dict[str, dict[str, list[float]]], config: PCLabConfig) -> dict[str, Any]:
+                   ref_pair_logps: dict[str, dict[str, list[float]]], config: PartialCoverageConfig) -> dict[str, Any]:
     """Samples on the held-out prompts (reverse KL, every world) and the log-prob drift of the pairs."""
     import numpy as np
 
@@ -196,7 +197,7 @@ def evaluate_model(policy, reference, tokenizer, eval_items, pairs: dict[str, li
     return scored
 
 
-def _load_eval_inputs(world: Path, tokenizer, config: PCLabConfig):
+def _load_eval_inputs(world: Path, tokenizer, config: PartialCoverageConfig):
     from hypo.data import load_preference_data, load_prompt_data
 
     eval_items, _ = load_prompt_data(str(world / "eval_prompts.jsonl"), tokenizer, max_prompt_length=16)
@@ -225,7 +226,7 @@ def _training_curve(run_dir: Path, every: int) -> list[dict[str, float]]:
     return blocks
 
 
-def train_and_evaluate(run: PCRun, config: PCLabConfig, world: Path, run_dir: Path, result_path: Path) -> None:
+def train_and_evaluate(run: PartialCoverageRun, config: PartialCoverageConfig, world: Path, run_dir: Path, result_path: Path) -> None:
     """One grid point, in this process: train, evaluate every checkpoint and the final model, write JSON."""
     import torch
 
@@ -260,7 +261,7 @@ def train_and_evaluate(run: PCRun, config: PCLabConfig, world: Path, run_dir: Pa
     shutil.rmtree(run_dir)  # checkpoints and model: only the JSON is kept
 
 
-def evaluate_reference(config: PCLabConfig, world: Path, result_path: Path) -> dict[str, Any]:
+def evaluate_reference(config: PartialCoverageConfig, world: Path, result_path: Path) -> dict[str, Any]:
     """The reference evaluated as a policy (step 0 of every run: KL 0, win rates near 0.5)."""
     import torch
 
@@ -281,7 +282,7 @@ def evaluate_reference(config: PCLabConfig, world: Path, result_path: Path) -> d
 # --- the grid ----------------------------------------------------------------------------------------------
 
 
-def _child(kind: str, config: PCLabConfig, world: Path, out: Path, runs_dir: Path, run: PCRun | None = None,
+def _child(kind: str, config: PartialCoverageConfig, world: Path, out: Path, runs_dir: Path, run: PartialCoverageRun | None = None,
            log=print) -> float:
     """Run `kind` (world | reference | run) in its own process (nice 10, the allocator settings)."""
     spec = {"kind": kind, "config": asdict(config), "world": str(world), "out": str(out), "runs_dir": str(runs_dir),
@@ -303,9 +304,9 @@ def gate_passed(reference: dict[str, Any], dpo_result: dict[str, Any]) -> tuple[
     return rise >= GATE_POINTS, rise
 
 
-def run_partial_coverage_lab(config: PCLabConfig, runs_dir: Path, out: Path, collect_only: bool = False,
+def run_partial_coverage_lab(config: PartialCoverageConfig, runs_dir: Path, out: Path, collect_only: bool = False,
                              log=print) -> dict[str, Any]:
-    from hypo.lab.pc_report import write_report
+    from hypo.lab.partial_coverage_report import write_report
 
     world = runs_dir / "world"
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +342,7 @@ def run_partial_coverage_lab(config: PCLabConfig, runs_dir: Path, out: Path, col
 def _main(spec: dict[str, Any]) -> None:
     from hypo.tasks.partial_coverage.world import build_world
 
-    config = PCLabConfig(**{**spec["config"], "seeds": tuple(spec["config"]["seeds"]),
+    config = PartialCoverageConfig(**{**spec["config"], "seeds": tuple(spec["config"]["seeds"]),
                             "kl_coefs": tuple(spec["config"]["kl_coefs"])})
     world, out, runs_dir = Path(spec["world"]), Path(spec["out"]), Path(spec["runs_dir"])
     import torch
@@ -352,7 +353,7 @@ def _main(spec: dict[str, Any]) -> None:
     elif spec["kind"] == "reference":
         evaluate_reference(config, world, out / "reference.json")
     else:
-        run = PCRun(**spec["run"])
+        run = PartialCoverageRun(**spec["run"])
         train_and_evaluate(run, config, world, runs_dir / run.name, out / "runs" / f"{run.name}.json")
 
 

@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from hypo.lab.pc_analysis import interpolate_at_kl, minimum_detectable_difference, paired_bootstrap
+from hypo.lab.partial_coverage_analysis import (
+    interpolate_at_kl,
+    minimum_detectable_difference,
+    paired_bootstrap,
+)
 
 WORLDS = ("penalize", "ignore", "reward")
 KL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
