@@ -177,14 +177,17 @@ def score_samples(rows: list[dict], max_new_tokens: int) -> dict[str, Any]:
 
 
 def evaluate_model(policy, reference, tokenizer, eval_items, pairs: dict[str, list[dict]],
-                   ref_pair_logps: dict[str, dict[str, list[float]]], config: PartialCoverageConfig) -> dict[str, Any]:
-    """Samples on the held-out prompts (reverse KL, every world) and the log-prob drift of the pairs."""
+                   ref_pair_logps: dict[str, dict[str, list[float]]], config: PartialCoverageConfig,
+                   reference_samples: dict | None = None) -> dict[str, Any]:
+    """Samples on the held-out prompts (reverse KL, every world) and the log-prob drift of the pairs;
+    `reference_samples` keeps the reference's samples across the checkpoints of a run (drawn once)."""
     import numpy as np
 
     from hypo.evaluate import evaluate_policy
 
     result = evaluate_policy(policy, reference, tokenizer, eval_items, judge=None, num_samples=config.eval_samples,
-                             max_new_tokens=config.max_completion_length, batch_size=32, seed=EVAL_SEED)
+                             max_new_tokens=config.max_completion_length, batch_size=32, seed=EVAL_SEED,
+                             baseline_samples=reference_samples)
     scored = score_samples(result["samples"], config.max_completion_length)
     scored["drift"] = {}
     for split, items in pairs.items():
@@ -226,7 +229,8 @@ def _training_curve(run_dir: Path, every: int) -> list[dict[str, float]]:
     return blocks
 
 
-def train_and_evaluate(run: PartialCoverageRun, config: PartialCoverageConfig, world: Path, run_dir: Path, result_path: Path) -> None:
+def train_and_evaluate(run: PartialCoverageRun, config: PartialCoverageConfig, world: Path, run_dir: Path,
+                       result_path: Path) -> None:
     """One grid point, in this process: train, evaluate every checkpoint and the final model, write JSON."""
     import torch
 
@@ -246,11 +250,12 @@ def train_and_evaluate(run: PartialCoverageRun, config: PartialCoverageConfig, w
     eval_items, pairs = _load_eval_inputs(world, tokenizer, config)
     ref_pair_logps = {split: pair_logps(reference.model, items, tokenizer.pad_token_id) for split, items in pairs.items()}
     models = [(checkpoint_step(c), c) for c in list_checkpoints(run_dir)] + [(config.max_steps, run_dir / "model")]
-    checkpoints = []
+    checkpoints, reference_samples = [], {}
     for step, path in models:
         policy = load_causal_lm(str(path))
         checkpoints.append({"step": step, "epoch": step / config.steps_per_epoch,
-                            **evaluate_model(policy, reference, tokenizer, eval_items, pairs, ref_pair_logps, config)})
+                            **evaluate_model(policy, reference, tokenizer, eval_items, pairs, ref_pair_logps, config,
+                                             reference_samples)})
     result = {"run": asdict(run), "name": run.name, "lab": {k: v for k, v in asdict(config).items() if k != "seeds"},
               "train_config": {k: v for k, v in train_config_.to_dict().items() if v is not None},
               "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - start,
