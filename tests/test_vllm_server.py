@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hypo.logprobs import completion_per_token_logps, sequence_logps
-from hypo.vllm_sampling import VLLMServerClient
+from hypo.vllm_sampling import VLLMServerClient, per_token_logp_gap
 from hypo.vllm_server import start_vllm_server, vllm_python
 
 pytestmark = pytest.mark.slow
@@ -44,15 +44,6 @@ def _policy_and_prompts(path):
     return tokenizer, policy, stop_token_ids(policy, tokenizer), items
 
 
-def _per_token_gap(model, samples) -> tuple[float, float]:
-    """Largest and mean |ours - vLLM's| per completion token."""
-    with torch.no_grad():
-        ours = completion_per_token_logps(model, samples.prompt_input_ids, samples.prompt_attention_mask,
-                                          samples.completion_ids, samples.completion_mask)
-    gap = (ours - samples.sampling_per_token_logps).abs() * samples.completion_mask
-    return gap.max().item(), (gap.sum() / samples.completion_mask.sum()).item()
-
-
 def test_server_samples_match_the_policy_before_and_after_weight_pushes(served, tmp_path):
     from hypo.data import PromptCollator
 
@@ -69,12 +60,12 @@ def test_server_samples_match_the_policy_before_and_after_weight_pushes(served, 
         samples = client.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], num_generations=K,
                                   max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
         assert samples.completion_ids.shape[0] == PROMPTS * K and samples.completion_ids.shape[1] <= MAX_NEW_TOKENS
-        largest, mean = _per_token_gap(policy, samples)
+        largest, mean = per_token_logp_gap(policy, samples)
         print(f"step {step}: vLLM vs ours per token: max {largest:.2e}, mean {mean:.2e}; push {push.seconds:.2f} s "
               f"(write {push.write_seconds:.2f}, reload {push.load_seconds:.2f})")
         assert largest < TOLERANCE, (step, largest)
         if before is not None:  # the samples are the updated policy's, not the previous weights'
-            largest_old, mean_old = _per_token_gap(before, samples)
+            largest_old, mean_old = per_token_logp_gap(before, samples)
             print(f"step {step}: against the weights before the last optimizer step: max {largest_old:.2e}, "
                   f"mean {mean_old:.2e}")
             assert mean_old > 20 * max(mean, 1e-5) and largest_old > 10 * TOLERANCE, (largest_old, mean_old)
@@ -126,8 +117,8 @@ def test_hypo_train_with_use_vllm_samples_every_step_from_the_current_policy(ser
     samples = client.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], num_generations=K,
                               max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stop_token_ids(trained, tokenizer),
                               pad_token_id=tokenizer.pad_token_id)
-    largest, _ = _per_token_gap(trained, samples)
-    largest_initial, mean_initial = _per_token_gap(initial, samples)
+    largest, _ = per_token_logp_gap(trained, samples)
+    largest_initial, mean_initial = per_token_logp_gap(initial, samples)
     print(f"after the run: vLLM vs the saved model max {largest:.2e}; vs the initial model max "
           f"{largest_initial:.2e}, mean {mean_initial:.2e}")
     assert largest < TOLERANCE < largest_initial / 10  # the last push landed, and training moved the weights

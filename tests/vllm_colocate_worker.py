@@ -17,22 +17,12 @@ QUESTIONS = ["Write a short review of a small cafe by the river.", "Describe a r
              "Give one tip for a new runner.", "What makes a board game fun?"]
 
 
-def per_token_gap(model, samples) -> tuple[float, float]:
-    from hypo.logprobs import completion_per_token_logps
-
-    with torch.no_grad():
-        ours = completion_per_token_logps(model, samples.prompt_input_ids, samples.prompt_attention_mask,
-                                          samples.completion_ids, samples.completion_mask)
-    gap = (ours - samples.sampling_per_token_logps).abs() * samples.completion_mask
-    return gap.max().item(), (gap.sum() / samples.completion_mask.sum()).item()
-
-
 def main(path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hypo.logprobs import completion_per_token_logps, sequence_logps
     from hypo.sampling import stop_token_ids
-    from hypo.vllm_sampling import VLLMColocate
+    from hypo.vllm_sampling import VLLMColocate, per_token_logp_gap
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
@@ -50,11 +40,11 @@ def main(path: str) -> None:
         result["push_seconds"].append(push.seconds)
         samples = engine.generate(batch["input_ids"], batch["attention_mask"], num_generations=2, max_new_tokens=24,
                                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-        largest, mean = per_token_gap(policy, samples)
+        largest, mean = per_token_logp_gap(policy, samples)
         result["max_gap"].append(largest)
         result["mean_gap"].append(mean)
         if before is not None:
-            result["mean_gap_to_previous_weights"].append(per_token_gap(before, samples)[1])
+            result["mean_gap_to_previous_weights"].append(per_token_logp_gap(before, samples)[1])
         before = copy.deepcopy(policy)
         logps = sequence_logps(completion_per_token_logps(policy, samples.prompt_input_ids,
                                                           samples.prompt_attention_mask, samples.completion_ids,

@@ -354,11 +354,10 @@ def run_vllm_sampling(settings: BenchSettings) -> dict[str, Any]:
     import torch
 
     from hypo.data import PromptCollator, load_prompt_data
-    from hypo.logprobs import completion_per_token_logps
     from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
     from hypo.sampling import generate_completions, stop_token_ids
     from hypo.tasks import get_task
-    from hypo.vllm_sampling import VLLMServerClient
+    from hypo.vllm_sampling import VLLMServerClient, per_token_logp_gap
     from hypo.vllm_server import start_vllm_server
 
     config, device = settings.config, _device()
@@ -393,13 +392,10 @@ def run_vllm_sampling(settings: BenchSettings) -> dict[str, Any]:
             vllm_seconds = time.perf_counter() - start
             transformers_seconds = _timed(lambda: generate_completions(  # noqa: B023
                 policy, ids, mask, cache_implementation=config.cache_implementation, **args))  # noqa: B023
-            with torch.no_grad():
-                ours = completion_per_token_logps(policy, samples.prompt_input_ids, samples.prompt_attention_mask,
-                                                  samples.completion_ids, samples.completion_mask)
-            gap = (ours - samples.sampling_per_token_logps.to(ours.device)).abs() * samples.completion_mask
+            gap_max, _ = per_token_logp_gap(policy, samples)
             records.append({"push": push.seconds, "push_write": push.write_seconds, "push_reload": push.load_seconds,
                             "generation": vllm_seconds, "transformers": transformers_seconds,
-                            "gap_max": gap.max().item(), "decode_steps": samples.completion_ids.shape[1]})
+                            "gap_max": gap_max, "decode_steps": samples.completion_ids.shape[1]})
     median = lambda key: _median_after_warmup([r[key] for r in records], settings.warmup_steps)  # noqa: E731
     return {
         "server": "started here" if started else url, "steps": len(records), "weight_bytes": push.bytes,

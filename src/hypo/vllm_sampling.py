@@ -103,6 +103,18 @@ def prompt_token_lists(prompt_input_ids: torch.Tensor, prompt_attention_mask: to
     return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_input_ids, prompt_attention_mask, strict=True)]
 
 
+@torch.no_grad()
+def per_token_logp_gap(model, samples: Completions) -> tuple[float, float]:
+    """Largest and mean |our per-token log-prob - the engine's| over the completion tokens of `samples` (which
+    must carry `sampling_per_token_logps`): near float rounding when the engine holds `model`'s weights."""
+    from hypo.logprobs import completion_per_token_logps
+
+    ours = completion_per_token_logps(model, samples.prompt_input_ids, samples.prompt_attention_mask,
+                                      samples.completion_ids, samples.completion_mask)  # (N, C)
+    gap = (ours - samples.sampling_per_token_logps.to(ours.device)).abs() * samples.completion_mask  # (N, C)
+    return gap.max().item(), (gap.sum() / samples.completion_mask.sum()).item()
+
+
 def completions_from_samples(
     prompt_input_ids: torch.Tensor,
     prompt_attention_mask: torch.Tensor,
