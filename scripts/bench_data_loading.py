@@ -59,8 +59,8 @@ def make_rows(layout: str, count: int, pairs_per_prompt: int, seed: int = 0) -> 
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from hypo.data import tokenize_preference_rows
-    from hypo.datafiles import read_located_rows
+    from hypo.data.encoding import tokenize_preference_rows
+    from hypo.data.files import read_located_rows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tokenizer")

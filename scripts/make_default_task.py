@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         raise SystemExit("--batch-size must be an even number >= 2")
     import torch
 
-    from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
     torch.set_num_threads(2)
     rng = random.Random(args.seed)

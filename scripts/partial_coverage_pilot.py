@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from hypo.lab.partial_coverage import PartialCoverageConfig, _child
+from hypo.lab.partial_coverage.experiment import PartialCoverageConfig, _child
 
 runs_dir = Path("runs/lab-partial-coverage")
 out = Path("docs/lab-results/partial-coverage/pilot")

@@ -2,7 +2,7 @@
 HyPO steps with the policy sharded by FSDP2 (`fully_shard`, as accelerate's FSDP2 plugin shards it on GPUs)
 and the reference sharded by `Reference.prepare` (accelerate's `fsdp2_prepare_model`, driven through a
 stand-in for the FSDP2 accelerator that accelerate does not build on CPUs), or neither; then the same
-collective save and evaluations as `hypo.trainer.train`.
+collective save and evaluations as `hypo.training.trainer.train`.
 
 The reference cache starts with the rows of global batch 0 (scored by an unsharded copy of the reference),
 so in the first step process 0 has all its rows cached and process 1 none: the processes must still run
@@ -41,15 +41,19 @@ def main(out: str, model: str, pairs: str, prompts: str, eval_prompts: str, mode
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hypo.checkpoints import save_model
     from hypo.config import HyPOConfig
-    from hypo.data import PairCollator, PromptCollator, ShuffledBatches, load_training_data
-    from hypo.distributed import local_tensor
-    from hypo.evaluate import evaluate_during_training, evaluate_pairs
-    from hypo.models import load_causal_lm, load_policy_and_reference
-    from hypo.steps import StepContext, dpo_step, kl_step, pair_logps
-    from hypo.tracking import RunLogger
-    from hypo.trainer import make_optimizer, seed_everything
+    from hypo.data.batches import PairCollator, PromptCollator, ShuffledBatches
+    from hypo.data.sources import load_training_data
+    from hypo.evaluation.held_out import evaluate_during_training
+    from hypo.evaluation.pairs import evaluate_pairs
+    from hypo.models.loading import load_causal_lm, load_policy_and_reference
+    from hypo.objective.logprobs import pair_logps
+    from hypo.runtime.accelerator import seed_everything
+    from hypo.runtime.distributed import local_tensor
+    from hypo.training.checkpoints import save_model
+    from hypo.training.setup import make_optimizer
+    from hypo.training.steps import StepContext, dpo_step, kl_step
+    from hypo.training.tracking import RunLogger
 
     sharded = mode == "sharded"
     accelerator = Accelerator(cpu=True)
@@ -73,7 +77,7 @@ def main(out: str, model: str, pairs: str, prompts: str, eval_prompts: str, mode
         reference.prepare(accelerator)
     reference_calls = [0]
     reference.model.register_forward_pre_hook(lambda *_: reference_calls.__setitem__(0, reference_calls[0] + 1))
-    data = load_training_data(config, tokenizer, with_prompts=True)
+    data = load_training_data(config, tokenizer)
     shard = {"process_index": accelerator.process_index, "num_processes": processes}
     pair_batches = ShuffledBatches(data.pairs, 2, PairCollator(tokenizer.pad_token_id), seed=0, what="pairs", **shard)
     prompt_batches = ShuffledBatches(data.prompts, 2, PromptCollator(tokenizer.pad_token_id), seed=1, what="prompts",

@@ -5,15 +5,10 @@ import json
 
 import pytest
 
-from hypo.bench import (
-    BenchSettings,
-    hypo_floor_seconds,
-    measure_copy_bandwidth,
-    measure_matmul,
-    measure_read_bandwidth,
-    ratios,
-    variants,
-)
+from hypo.bench.probes import measure_copy_bandwidth, measure_matmul, measure_read_bandwidth
+from hypo.bench.results import hypo_floor_seconds, ratios
+from hypo.bench.settings import BenchSettings
+from hypo.bench.variants import variants
 from hypo.cli import main
 
 MACHINE = {"params": 1e8, "param_bytes": 4e8, "matmul_flops": 2e11, "copy_bytes_per_second": 1e10,
@@ -62,11 +57,11 @@ def test_the_workload_is_a_hypo_config_and_travels_to_the_variant_processes():
 
 
 def test_targets_follow_the_device():
-    from hypo.bench import _meets
+    from hypo.bench.results import meets_target
 
-    assert _meets("hypo_vs_trl_dpo_plus_rloo", 0.5, "cpu") == "<= 0.6: met"
-    assert _meets("hypo_vs_trl_dpo_plus_rloo", 0.5, "cuda") == "<= 0.3: NOT met"
-    assert _meets("hypo_vs_dpo_step", 3.5, "cuda") == "<= 4: met" and _meets("hypo_vs_dpo_step", 3.5, "cpu") == ""
+    assert meets_target("hypo_vs_trl_dpo_plus_rloo", 0.5, "cpu") == "<= 0.6: met"
+    assert meets_target("hypo_vs_trl_dpo_plus_rloo", 0.5, "cuda") == "<= 0.3: NOT met"
+    assert meets_target("hypo_vs_dpo_step", 3.5, "cuda") == "<= 4: met" and meets_target("hypo_vs_dpo_step", 3.5, "cpu") == ""
 
 
 def test_weights_changed_measures_what_bf16_weights_lose(tiny_model_dir, tiny_task):
@@ -74,7 +69,7 @@ def test_weights_changed_measures_what_bf16_weights_lose(tiny_model_dir, tiny_ta
 
     from test_train import FAST
 
-    from hypo.bench import weights_changed
+    from hypo.bench.probes import weights_changed
     from hypo.config import HyPOConfig
 
     config = HyPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(tiny_task["pairs"]), judge=None,

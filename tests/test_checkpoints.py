@@ -17,7 +17,7 @@ import torch
 from test_train import FAST, _weights
 
 from hypo.config import HyPOConfig
-from hypo.trainer import train
+from hypo.training.trainer import train
 
 SLOW_ENOUGH = {"max_steps": 24, "save_steps": 2, "num_threads": 1, "eval_at_end": False}
 
@@ -107,7 +107,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits(tiny_model_dir, tiny_task, t
 
 
 def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(tiny_model_dir, tiny_task, tmp_path):
-    from hypo.checkpoints import list_checkpoints, resolve_checkpoint
+    from hypo.training.checkpoints import list_checkpoints, resolve_checkpoint
 
     run_dir = tmp_path / "run"
     train(HyPOConfig(**_options(tiny_model_dir, tiny_task, run_dir, "dpo", max_steps=5)))
@@ -158,7 +158,7 @@ def test_resume_on_the_command_line_reads_the_runs_settings(tiny_model_dir, tiny
 
 
 def test_non_finite_loss_stops_before_the_optimizer_steps(tiny_model_dir, tiny_task, tmp_path):
-    from hypo.trainer import NonFiniteError
+    from hypo.training.stopping import NonFiniteError
 
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"step \d+: the offline \(dpo\) loss is not finite.*checkpoint-1"):

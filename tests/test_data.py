@@ -9,20 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypo.data import (
-    DataError,
-    LoadReport,
-    PairCollator,
-    PromptCollator,
+from hypo.data.batches import PairCollator, PromptCollator
+from hypo.data.encoding import (
     load_preference_data,
     load_prompt_data,
-    prompts_from_preference_rows,
-    read_rows,
     render_prompt,
     tokenize_preference_rows,
     tokenize_prompt_rows,
-    validate_preference_row,
 )
+from hypo.data.files import DataError, read_rows
+from hypo.data.rows import LoadReport, prompts_from_preference_rows, validate_preference_row
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]
 WORDS = [
@@ -280,7 +276,7 @@ def test_skip_bad_rows_drops_exactly_bad_rows(tmp_path, tok, caplog):
 
 
 def test_bad_rows_are_reported_once_by_the_check_and_the_load_together(tmp_path, tok, caplog):
-    from hypo.data import check_preference_source
+    from hypo.data.rows import check_preference_source
 
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {"prompt": "hello"}, GOOD])
     with caplog.at_level(logging.WARNING, logger="hypo.data"):
@@ -376,7 +372,7 @@ def test_conversational_uses_chat_template(tok):
 def test_end_of_turn_token_comes_from_the_chat_template(tok):
     from types import SimpleNamespace
 
-    from hypo.sampling import end_of_turn_token_id, stop_token_ids
+    from hypo.models.tokens import end_of_turn_token_id, stop_token_ids
 
     assert end_of_turn_token_id(tok) == IM_END  # ChatML here, while the tokenizer's EOS is </s>
     assert end_of_turn_token_id(make_tokenizer(chat_template=None)) == EOS
@@ -585,7 +581,7 @@ def test_a_skipped_bad_row_does_not_set_the_format(tmp_path, tok):
 
 
 def test_check_sources_validate_every_row_without_a_tokenizer(tmp_path):
-    from hypo.data import check_preference_source, check_prompt_source
+    from hypo.data.rows import check_preference_source, check_prompt_source
 
     rows = [GOOD] * 300 + [{"prompt": "hello", "chosen": "good", "rejected": "good"}, {**GOOD, "rejected": ""}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -608,7 +604,7 @@ def test_check_sources_validate_every_row_without_a_tokenizer(tmp_path):
 
 
 def test_check_of_a_folder_reads_every_file_of_the_split_and_names_it(tmp_path):
-    from hypo.data import check_preference_source
+    from hypo.data.rows import check_preference_source
 
     folder = tmp_path / "raw"
     folder.mkdir()

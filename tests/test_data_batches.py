@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hypo.data import ShuffledBatches
+from hypo.data.batches import ShuffledBatches
 
 
 def _collate(rows):

@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from hypo.data import (
-    DataError,
-    check_preference_source,
-    explicit_prompt_row,
-    extract_prompt,
+from hypo.data.encoding import (
     load_preference_data,
     load_prompt_data,
-    read_rows,
     render_prompt,
     token_ids,
     tokenize_preference_rows,
     tokenize_prompt_rows,
 )
+from hypo.data.files import DataError, read_rows
+from hypo.data.rows import check_preference_source, explicit_prompt_row, extract_prompt
 
 
 def user(text):

@@ -90,7 +90,7 @@ def test_baseline_dataset_with_a_missing_field(tiny_model_dir, tmp_path, capsys)
 
 
 def test_reward_model_judge(tiny_model_dir, tiny_tokenizer, tiny_task, tmp_path):
-    from hypo.judges import RewardModelJudge
+    from hypo.evaluation.judges import RewardModelJudge
 
     rm = _save_reward_model(tmp_path / "rm", tiny_tokenizer)
     results = _eval(tiny_model_dir, tiny_model_dir, tmp_path / "out", "--prompts", tiny_task["eval_prompts"],

@@ -7,19 +7,18 @@ import pytest
 import torch
 
 from conftest import build_model
-from hypo.data import tokenize_prompt_rows
-from hypo.evaluate import (
+from hypo.data.encoding import tokenize_prompt_rows
+from hypo.evaluation.held_out import (
     KL_ON_JUDGED_SAMPLES,
     KL_ON_SEPARATE_SAMPLES,
     completion_texts,
     evaluate_policy,
     format_summary,
-    mean_and_se,
     prompt_text,
     summarize,
-    win_rate_interval,
 )
-from hypo.models import Reference
+from hypo.evaluation.stats import mean_and_se, win_rate_interval
+from hypo.models.reference import Reference
 
 
 def test_mean_and_se_values():
@@ -91,7 +90,7 @@ def test_evaluation_stops_at_the_models_own_stop_token(tiny_tokenizer):
 
 def test_completion_texts_leave_out_the_stop_token(tiny_tokenizer):
     """The stop token need not be special (skip_special_tokens would not drop it): it is cut before decoding."""
-    from hypo.sampling import Completions
+    from hypo.sampling.generate import Completions
 
     pad, other = tiny_tokenizer.pad_token_id, 100
     ids = torch.tensor([[50, 60, other, pad], [50, 60, 70, 80]])
@@ -151,15 +150,15 @@ def test_the_frozen_reference_is_sampled_once_across_evaluations(tiny_tokenizer,
     """With a `baseline_samples` dict kept across calls (periodic evaluations of one run), the reference's
     samples are drawn at the first call only, and are the samples a call without the dict draws; the policy,
     which changes between evaluations, is sampled every time."""
-    import hypo.evaluate
+    import hypo.evaluation.held_out
 
     policy, reference = _peaked(tiny_tokenizer, 2), Reference(_peaked(tiny_tokenizer, 3))
     kwargs = dict(judge=None, num_samples=3, max_new_tokens=6, batch_size=2, seed=5)
     items = _items(tiny_tokenizer)
     plain = evaluate_policy(policy, reference, tiny_tokenizer, items, **kwargs)
     sampled = []
-    generate = hypo.evaluate.generate_completions
-    monkeypatch.setattr(hypo.evaluate, "generate_completions", lambda model, *a, **k: sampled.append(model) or
+    generate = hypo.evaluation.held_out.generate_completions
+    monkeypatch.setattr(hypo.evaluation.held_out, "generate_completions", lambda model, *a, **k: sampled.append(model) or
                         generate(model, *a, **k))
     kept: dict = {}
     first = evaluate_policy(policy, reference, tiny_tokenizer, items, baseline_samples=kept, **kwargs)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_jsonl
 from hypo.cli import main
-from hypo.export import MT_BENCH_TEMPERATURES, alpaca_eval_outputs, mt_bench_answers
+from hypo.evaluation.export import MT_BENCH_TEMPERATURES, alpaca_eval_outputs, mt_bench_answers
 
 ALPACA = [{"dataset": "helpful_base", "instruction": "Write a short review of a cafe.",
            "output": "reference answer", "generator": "gpt4_turbo"},

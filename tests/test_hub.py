@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-import hypo.hub
+import hypo.training.hub
 from hypo.config import HyPOConfig
-from hypo.hub import hub_repo_id, push_model, share_trained_model, training_card, write_model_card
+from hypo.training.hub import hub_repo_id, push_model, share_trained_model, training_card, write_model_card
 
 EVAL = {"metrics": {"num_prompts": 64, "num_completions": 128, "objective/kl": 0.605, "objective/kl_se": 0.101,
                     "completions/mean_length": 62.1, "completions/mean_length_se": 1.5, "win_rate": 0.555,
@@ -108,7 +108,7 @@ def test_end_of_training_writes_the_card_and_pushes_only_when_asked(tmp_path, fa
 def test_card_after_a_real_run(tiny_model_dir, tiny_task, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hypo.trainer import train
+    from hypo.training.trainer import train
 
     config = HyPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(tiny_task["pairs"]),
                         prompts=str(tiny_task["prompts"]), eval_prompts=str(tiny_task["eval_prompts"]),
@@ -124,7 +124,7 @@ def test_card_after_a_real_run(tiny_model_dir, tiny_task, tmp_path):
     assert "judge `" not in training_card(config, name="x", eval_results=no_judge).render()
     assert AutoModelForCausalLM.from_pretrained(result.model_dir) is not None  # the card changes nothing else
     assert write_model_card(result.model_dir, training_card(config, name="x")).name == "README.md"
-    assert hypo.hub.METHODS["hypo"].startswith("HyPO")
+    assert hypo.training.hub.METHODS["hypo"].startswith("HyPO")
 
 
 def test_card_counts_the_whole_batch():

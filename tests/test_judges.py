@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hypo import judges
-from hypo.judges import Judge, available_judges, compare, get_judge, register_judge
+from hypo.evaluation import judges
+from hypo.evaluation.judges import Judge, available_judges, compare, get_judge, register_judge
 from hypo.tasks.reviews.judge import ReviewSentimentJudge
 
 J = ReviewSentimentJudge()

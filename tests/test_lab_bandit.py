@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hypo.lab.bandit import (
+from hypo.lab.bandit.problem import (
     Bandit,
     MethodSpec,
     Pairs,
@@ -23,7 +23,7 @@ from hypo.lab.bandit import (
     tabular_features,
     win_rate,
 )
-from hypo.lab.regimes import (
+from hypo.lab.bandit.regimes import (
     REGIMES,
     Sizes,
     as_built_world,
@@ -32,7 +32,7 @@ from hypo.lab.regimes import (
     make_bandit_worlds,
     split_regime,
 )
-from hypo.lab.training import (
+from hypo.lab.bandit.training import (
     FullBatchOptimizer,
     TrainSettings,
     fit_reward_model,

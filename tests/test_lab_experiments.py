@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hypo.cli import main
-from hypo.lab.experiments import across_worlds, interval
+from hypo.lab.bandit.experiments import across_worlds, interval
 
 
 def test_quick_lab_writes_table_and_plots(tmp_path, capsys):

@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from hypo.cli import main
-from hypo.lab.lm import CENTER, SWEEP, LMLabConfig, LMRun, RunOutcome, run_command, summary_rows
+from hypo.lab.lm.grid import CENTER, SWEEP, LMLabConfig, LMRun, RunOutcome, run_command, summary_rows
 
 
 def test_grid_runs_every_seed_at_the_default_setting_and_the_sweep_at_the_first():
@@ -92,7 +92,7 @@ def test_quick_lm_lab_end_to_end_and_resume(tiny_model_dir, tiny_task, tmp_path,
 
 def test_rlhf_baseline_trains_a_reward_model_then_rloo(tiny_model_dir, tiny_task, tmp_path):
     from hypo.config import HyPOConfig
-    from hypo.lab.rlhf import RewardModelConfig, run_rlhf
+    from hypo.lab.lm.rlhf import RewardModelConfig, run_rlhf
 
     config = HyPOConfig(output_dir=str(tmp_path / "rlhf"), model_name_or_path=str(tiny_model_dir), kl_coef=0.1,
                         seed=0, dataset=str(tiny_task["pairs"]), prompts=str(tiny_task["prompts"]),

@@ -9,14 +9,14 @@ import random
 import numpy as np
 import pytest
 
-from hypo.lab.partial_coverage_analysis import (
+from hypo.lab.partial_coverage import language as pc
+from hypo.lab.partial_coverage.analysis import (
     first_crossing,
     interpolate_at_kl,
     minimum_detectable_difference,
     paired_bootstrap,
     worst_case,
 )
-from hypo.tasks import partial_coverage as pc
 
 # --- the language and its worlds ----------------------------------------------------------------------------
 
@@ -62,7 +62,7 @@ def test_reference_distribution_matches_its_specification():
 
 
 def test_word_level_tokenizer_round_trips():
-    from hypo.tasks.partial_coverage.world import build_tokenizer
+    from hypo.lab.partial_coverage.world import build_tokenizer
 
     tokenizer = build_tokenizer()
     text = "great is very lovely"
@@ -122,7 +122,7 @@ def _row(prompt_index, policy, reference, eos=True, k1=0.5):
 
 
 def test_score_samples_per_world():
-    from hypo.lab.partial_coverage import score_samples
+    from hypo.lab.partial_coverage.experiment import score_samples
 
     in_range = "great great is is is is is is"  # 8 words, base 2
     long = "great great great is is is is is is is is is is is"  # 14 words, base 3, 2 outside
@@ -140,7 +140,7 @@ def test_score_samples_per_world():
 
 
 def test_gate():
-    from hypo.lab.partial_coverage import gate_passed
+    from hypo.lab.partial_coverage.experiment import gate_passed
 
     reference = {"off_range": [0.15, 0.01]}
     run = {"checkpoints": [{"off_range": [0.2, 0.01]}, {"off_range": [0.26, 0.01]}]}
@@ -164,7 +164,7 @@ def _evaluation(step, kl, wins, prompts=6):
 
 
 def test_report_from_run_files(tmp_path):
-    from hypo.lab.partial_coverage_report import write_report
+    from hypo.lab.partial_coverage.report import write_report
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "reference.json").write_text(json.dumps(_evaluation(0, 0.0, [0.5, 0.5, 0.5])))
@@ -203,7 +203,7 @@ def _fake_run(method, kl_coef, seed, off_range):
 
 @pytest.mark.parametrize("dpo_off_range, runs_kept", [(0.5, 4), (0.2, 4)])
 def test_finished_runs_are_skipped_and_the_gate_stops_the_grid(tmp_path, dpo_off_range, runs_kept, capsys):
-    from hypo.lab.partial_coverage import PartialCoverageConfig, run_partial_coverage_lab
+    from hypo.lab.partial_coverage.experiment import PartialCoverageConfig, run_partial_coverage_lab
 
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
     (runs_dir / "world").mkdir(parents=True)
@@ -229,8 +229,8 @@ def test_finished_runs_are_skipped_and_the_gate_stops_the_grid(tmp_path, dpo_off
 def test_tiny_grid_end_to_end(tmp_path):
     """A tiny world (256 pretraining texts, one epoch), DPO and HyPO with 2 steps each through the real trainer
     in their own processes, 8 evaluation prompts: the JSON files and the tables come out."""
-    from hypo.lab.partial_coverage import PartialCoverageConfig, run_partial_coverage_lab
-    from hypo.tasks.partial_coverage import world as world_module
+    from hypo.lab.partial_coverage.experiment import PartialCoverageConfig, run_partial_coverage_lab
+    from hypo.lab.partial_coverage.language import world as world_module
 
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
     settings = dict(world_module.PRETRAIN)

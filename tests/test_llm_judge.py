@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import build_model, build_tokenizer
-from hypo.llm_judge import TEMPLATE, JudgeEndpointError, LLMJudge, parse_verdict
+from hypo.evaluation.llm_judge import TEMPLATE, JudgeEndpointError, LLMJudge, parse_verdict
 
 
 class ChatServer:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import build_model
-from hypo.logprobs import (
+from hypo.objective.logprobs import (
     completion_logps,
     mask_after_eos,
     position_ids_from_mask,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hypo.losses import dpo_loss, kl_estimates, kl_surrogate, leave_one_out_advantages
+from hypo.objective.losses import dpo_loss, kl_estimates, kl_surrogate, leave_one_out_advantages
 
 
 def test_dpo_sigmoid_values():

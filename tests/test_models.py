@@ -14,19 +14,11 @@ import torch
 
 import hypo
 from conftest import build_model
-from hypo import models
-from hypo.models import (
-    DEFAULT_MODEL,
-    MARKER_NAME,
-    ModelCacheError,
-    Reference,
-    add_lora,
-    convert_gguf,
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_model_path,
-)
+from hypo.config import DEFAULT_MODEL
+from hypo.models import gguf as models
+from hypo.models.gguf import MARKER_NAME, ModelCacheError, convert_gguf
+from hypo.models.loading import add_lora, disable_dropout, load_causal_lm, load_tokenizer, resolve_model_path
+from hypo.models.reference import Reference
 
 
 def test_local_folders_and_hub_ids_pass_through(tiny_model_dir):
@@ -257,7 +249,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import hypo.models as models
+import hypo.models.gguf as models
+from hypo.models.loading import resolve_model_path
 from conftest import build_model, build_tokenizer
 
 rank, store, gguf, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
@@ -286,7 +279,7 @@ dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_
 if rank == 0:  # rank 1 converts: under torch.distributed a rank other than 0 must write the weights too
     wait_for(log)
     turn.touch()
-print(models.resolve_model_path(gguf), flush=True)
+print(resolve_model_path(gguf), flush=True)
 dist.destroy_process_group()
 """
 
@@ -315,7 +308,7 @@ def test_embedded_default_converts_once_and_matches_the_gguf(tmp_path, monkeypat
     """The embedded SmolLM2-135M-Instruct: GGUF -> safetensors folder in $HYPO_CACHE, identical logits."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    from hypo.models import embedded_gguf_path
+    from hypo.models.gguf import embedded_gguf_path
 
     monkeypatch.setenv("HYPO_CACHE", str(tmp_path))
     path = resolve_model_path(DEFAULT_MODEL)

@@ -10,11 +10,12 @@ import torch
 
 from conftest import build_model, write_jsonl
 from hypo.config import HyPOConfig
-from hypo.data import load_preference_data, load_training_data
-from hypo.evaluate import PAIR_METRICS, evaluate_pairs, pair_metric_sums
-from hypo.logprobs import completion_logps
-from hypo.models import Reference
-from hypo.steps import StepContext
+from hypo.data.encoding import load_preference_data
+from hypo.data.sources import load_training_data
+from hypo.evaluation.pairs import PAIR_METRICS, evaluate_pairs, pair_metric_sums
+from hypo.models.reference import Reference
+from hypo.objective.logprobs import completion_logps
+from hypo.training.steps import StepContext
 
 PAIRS = [{"prompt": f"Write a short review of {item}.", "chosen": good, "rejected": bad}
          for item, good, bad in [("a cafe", "The coffee was excellent.", "Terrible."),
@@ -105,15 +106,18 @@ def test_held_out_pairs_of_a_config(tiny_tokenizer, tiny_task, tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", PAIRS)
     config = HyPOConfig(dataset=str(tiny_task["pairs"]), eval_dataset=str(path), eval_dataset_split="train",
                         eval_max_pairs=3, max_length=64, max_prompt_length=32)
-    data = load_training_data(config, tiny_tokenizer, with_prompts=False)
+    data = load_training_data(config, tiny_tokenizer)
     assert len(data.eval_pairs) == 3 and data.eval_pairs[0]["prompt"] == PAIRS[0]["prompt"]
     no_eval = HyPOConfig(dataset=str(tiny_task["pairs"]), eval_dataset=str(path), eval_at_end=False)
-    assert load_training_data(no_eval, tiny_tokenizer, with_prompts=False).eval_pairs is None
+    assert load_training_data(no_eval, tiny_tokenizer).eval_pairs is None
 
 
 def test_preflight_checks_the_held_out_pairs_with_their_split(tiny_task, tmp_path):
-    from hypo.data import DataError
-    from hypo.preflight import check_data
+    from hypo.data.files import DataError
+    from hypo.data.sources import check_run_sources, run_sources
+
+    def check_data(config):
+        check_run_sources(run_sources(config), skip_bad_rows=config.skip_bad_rows)
 
     path = write_jsonl(tmp_path / "test.jsonl", [PAIRS[0], {**PAIRS[1], "chosen": ""}])
     config = HyPOConfig(dataset=str(tiny_task["pairs"]), eval_dataset=str(path), eval_dataset_split="train",

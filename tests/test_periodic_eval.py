@@ -10,7 +10,7 @@ import torch
 from test_train import _assert_same_weights, _config
 
 from hypo.config import HyPOConfig
-from hypo.trainer import train
+from hypo.training.trainer import train
 
 
 def _records(result) -> list[dict]:
@@ -36,9 +36,10 @@ def test_periodic_evaluation_logs_eval_keys_and_leaves_training_unchanged(tiny_m
 
 
 def _evaluate_saved(model_dir, reference_dir, tiny_task, result) -> dict:
-    from hypo.data import load_prompt_data
-    from hypo.evaluate import evaluate_policy
-    from hypo.models import Reference, load_causal_lm, load_tokenizer
+    from hypo.data.encoding import load_prompt_data
+    from hypo.evaluation.held_out import evaluate_policy
+    from hypo.models.loading import load_causal_lm, load_tokenizer
+    from hypo.models.reference import Reference
 
     config = json.loads((result.output_dir / "config.json").read_text())
     tokenizer = load_tokenizer(str(model_dir))
@@ -58,9 +59,10 @@ def test_final_evaluation_is_not_repeated_at_the_last_step(tiny_model_dir, tiny_
 
 
 def test_evaluate_policy_restores_the_rng_state(tiny_model_dir, tiny_task):
-    from hypo.data import load_prompt_data
-    from hypo.evaluate import evaluate_policy
-    from hypo.models import Reference, load_causal_lm, load_tokenizer
+    from hypo.data.encoding import load_prompt_data
+    from hypo.evaluation.held_out import evaluate_policy
+    from hypo.models.loading import load_causal_lm, load_tokenizer
+    from hypo.models.reference import Reference
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prompts, _ = load_prompt_data(str(tiny_task["eval_prompts"]), tokenizer)

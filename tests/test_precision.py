@@ -11,7 +11,8 @@ import torch
 from test_train import _config, _weights
 
 from hypo.config import HyPOConfig
-from hypo.trainer import resolve_mixed_precision, train
+from hypo.runtime.precision import resolve_mixed_precision
+from hypo.training.trainer import train
 
 
 def _fraction_changed(model_dir, initial_dir) -> float:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from test_train import FAST
 
-import hypo.models
+import hypo.models.loading
+import hypo.training.setup
 from hypo.config import HyPOConfig
-from hypo.preflight import check_model_path
-from hypo.trainer import train
+from hypo.training.preflight import check_model_path
+from hypo.training.trainer import train
 
 
 @pytest.fixture
@@ -17,8 +18,8 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(hypo.models, "load_policy_and_reference", refuse)
-    monkeypatch.setattr(hypo.models, "load_causal_lm", refuse)
+    monkeypatch.setattr(hypo.training.setup, "load_policy_and_reference", refuse)
+    monkeypatch.setattr(hypo.models.loading, "load_causal_lm", refuse)
 
 
 def _config(tiny_model_dir, tiny_task, tmp_path, **overrides) -> HyPOConfig:
@@ -64,7 +65,7 @@ def test_a_checkpoint_as_the_model_of_a_new_run_is_flagged(tiny_model_dir, tiny_
     run = train(_config(tiny_model_dir, tiny_task, tmp_path, method="dpo", max_steps=2, save_steps=1,
                         eval_at_end=False))
     checkpoint = run.output_dir / "checkpoint-1"
-    with caplog.at_level(logging.WARNING, logger="hypo.preflight"):
+    with caplog.at_level(logging.WARNING, logger="hypo.training.preflight"):
         train(_config(checkpoint, tiny_task, tmp_path, method="dpo", max_steps=1, eval_at_end=False,
                       output_dir=str(tmp_path / "new")))
     assert f"--ref_model_name_or_path {tiny_model_dir}" in caplog.text and "--resume_from_checkpoint" in caplog.text

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from hypo.cli import main
-from hypo.report import load_run, markdown_table
+from hypo.evaluation.report import load_run, markdown_table
 
 
 def _write_run(root: Path, name: str, *, method: str, kl_coef: float, kl: float, judged: bool = True) -> Path:
@@ -67,7 +67,7 @@ def test_report_on_real_training_runs(tiny_model_dir, tiny_task, tmp_path):
     from PIL import Image
     from test_train import _config
 
-    from hypo.trainer import train
+    from hypo.training.trainer import train
 
     runs = [train(_config(tiny_model_dir, tiny_task, tmp_path, method, method=method, max_steps=2, eval_steps=1))
             for method in ("hypo", "dpo")]

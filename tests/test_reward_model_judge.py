@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import build_tokenizer
-from hypo.evaluate import judge_rows, summarize
-from hypo.judges import RewardModelJudge, compare, get_judge
+from hypo.evaluation.held_out import judge_rows, summarize
+from hypo.evaluation.judges import RewardModelJudge, compare, get_judge
 
 
 def _save_reward_model(path, tokenizer, chat_template: bool = True):

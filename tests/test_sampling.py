@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import build_model
-from hypo.logprobs import completion_logps, completion_per_token_logps
-from hypo.sampling import generate_completions, resolve_cache_implementation, stop_token_ids
+from hypo.models.tokens import stop_token_ids
+from hypo.objective.logprobs import completion_logps, completion_per_token_logps
+from hypo.sampling.generate import generate_completions, resolve_cache_implementation
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -176,7 +177,7 @@ def _prompts(tokenizer, device):
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_sampled_tokens_are_exact_draws_from_the_policy(tiny_tokenizer, cache_implementation, device):
     """The log-prob of each sampled token under the distribution `generate` drew it from (its processed scores)
-    equals the policy's own log-prob from one forward pass (`hypo.logprobs`), to 1e-5, with either cache and
+    equals the policy's own log-prob from one forward pass (`hypo.objective.logprobs`), to 1e-5, with either cache and
     left-padded prompts, while the model's generation config asks for top-k 5, a repetition penalty, a
     minimum length, suppressed and forced tokens, ...: any of those would move these log-probs."""
     model = _model_with_distorting_defaults(tiny_tokenizer, device)

@@ -10,8 +10,8 @@ import torch
 
 from conftest import write_jsonl
 from hypo.cli import main
-from hypo.data import DataError
-from hypo.sft import SFTRunConfig, load_sft_rows
+from hypo.data.files import DataError
+from hypo.training.sft import SFTRunConfig, load_sft_rows
 
 pytest.importorskip("trl")
 

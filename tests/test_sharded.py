@@ -69,7 +69,7 @@ def test_fsdp2_sharded_policy_and_reference_train_save_and_evaluate_like_one_pro
 
 
 def test_a_batch_needs_the_reference_unless_every_row_is_cached():
-    from hypo.steps import needs_reference_forward
+    from hypo.training.steps import needs_reference_forward
 
     cache = {3: (-1.0, -2.0), 5: (-3.0, -4.0)}
     assert needs_reference_forward([3, 5], cache) is False
@@ -81,14 +81,14 @@ def test_a_batch_needs_the_reference_unless_every_row_is_cached():
 def test_any_process_is_the_local_flag_for_one_process():
     from types import SimpleNamespace
 
-    from hypo.distributed import any_process
+    from hypo.runtime.distributed import any_process
 
     one = SimpleNamespace(num_processes=1)
     assert any_process(one, True) is True and any_process(one, False) is False and any_process(None, True) is True
 
 
 def test_zero3_inference_config_drops_the_optimizer_and_sizes_buckets_by_the_hidden_size():
-    from hypo.distributed import zero3_inference_config
+    from hypo.runtime.distributed import zero3_inference_config
 
     train = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
              "optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"},
@@ -108,7 +108,7 @@ def test_an_fsdp1_run_is_told_to_use_fsdp2_for_the_reference(tiny_tokenizer):
 
     from accelerate import DistributedType
 
-    from hypo.models import Reference
+    from hypo.models.reference import Reference
 
     fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.FSDP, state=SimpleNamespace())
     with pytest.raises(ValueError, match="--fsdp_version 2"):
@@ -116,7 +116,7 @@ def test_an_fsdp1_run_is_told_to_use_fsdp2_for_the_reference(tiny_tokenizer):
 
 
 def test_deepspeed_gets_the_loops_micro_batch_and_accumulation():
-    from hypo.trainer import deepspeed_batch_settings
+    from hypo.training.backward import deepspeed_batch_settings
 
     auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
     assert deepspeed_batch_settings(auto, micro_batch=4, accumulation=4) == \
@@ -133,7 +133,7 @@ def test_under_deepspeed_only_the_last_micro_step_ends_an_accumulation():
 
     from accelerate import DistributedType
 
-    from hypo.trainer import deepspeed_micro_step
+    from hypo.training.backward import deepspeed_micro_step
 
     marks = []
     deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,

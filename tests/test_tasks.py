@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hypo.judges import get_judge
+from hypo.evaluation.judges import get_judge
 from hypo.tasks import DEFAULT_TASK, TaskFiles, available_tasks, get_task
 
 PERSONAS = {"fan", "critic", "journalist", "blogger"}

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from hypo.cli import main
-from hypo.llm_judge import TEMPLATES, TLDR_TEMPLATE, LLMJudge, parse_preferred
+from hypo.evaluation.llm_judge import TEMPLATES, TLDR_TEMPLATE, LLMJudge, parse_preferred
 
 
 class ShorterSummaryServer:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from hypo.tracking import RunLogger, StepTimer
+from hypo.training.tracking import RunLogger, StepTimer
 
 
 def test_run_logger_writes_jsonl_with_plain_numbers(tmp_path):

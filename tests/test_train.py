@@ -8,12 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import hypo.trainer
+import hypo.training.setup
 from conftest import build_model
 from hypo.config import HyPOConfig
-from hypo.models import Reference
-from hypo.steps import StepContext, kl_step
-from hypo.trainer import make_optimizer, train
+from hypo.models.reference import Reference
+from hypo.training.setup import make_optimizer
+from hypo.training.steps import StepContext, kl_step
+from hypo.training.trainer import train
 
 FAST = {"max_completion_length": 8, "max_length": 64, "max_prompt_length": 32, "per_device_train_batch_size": 2,
         "per_device_prompt_batch_size": 2, "learning_rate": 1e-3, "eval_max_prompts": 2, "eval_batch_size": 2}
@@ -108,7 +109,7 @@ def test_shared_prompt_forward_changes_nothing(tiny_model_dir, tiny_task, tmp_pa
 
 
 def test_sharing_the_prompt_forward_follows_the_device_unless_set():
-    from hypo.trainer import shares_prompt_forward
+    from hypo.training.setup import shares_prompt_forward
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert shares_prompt_forward(HyPOConfig(), cpu) and not shares_prompt_forward(HyPOConfig(), cuda)
@@ -173,7 +174,7 @@ def test_one_backward_of_the_summed_loss_changes_nothing(tiny_model_dir, tiny_ta
     HyPO steps with accumulation (the offline term draws no random numbers, so the samples are the same)."""
     common = {"method": "hypo", "max_steps": 2, "eval_at_end": False, "kl_coef": 0.7, "gradient_accumulation_steps": 2}
     split = train(_config(tiny_model_dir, tiny_task, tmp_path, "split", **common))
-    monkeypatch.setattr(hypo.trainer, "runs_one_backward", lambda accelerator, online: online)
+    monkeypatch.setattr(hypo.training.setup, "runs_one_backward", lambda accelerator, online: online)
     summed = train(_config(tiny_model_dir, tiny_task, tmp_path, "summed", **common))
     split_log = [json.loads(line) for line in (split.output_dir / "metrics.jsonl").read_text().splitlines()]
     summed_log = [json.loads(line) for line in (summed.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -228,6 +229,8 @@ def test_held_out_pairs_are_evaluated_during_training_and_the_card_is_written(ti
 class _EngineStandIn:
     """What the loop needs of a vLLM sampler: `generate` from the weights it was last given, `push_weights`."""
 
+    pushes_from_main_process = True  # as a server: one process pushes
+
     def __init__(self, model_dir, *, loads_pushes: bool = True):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir)
         self.loads_pushes = loads_pushes  # False: an engine that keeps sampling from the initial weights
@@ -239,7 +242,7 @@ class _EngineStandIn:
         self.pushes.append(model.lm_head.weight.detach().clone())
 
     def generate(self, prompt_input_ids, prompt_attention_mask, **draw):
-        from hypo.sampling import generate_completions
+        from hypo.sampling.generate import generate_completions
 
         self.generated_with.append(self.model.lm_head.weight.detach().clone())
         return generate_completions(self.model, prompt_input_ids, prompt_attention_mask, return_logps=True, **draw)
@@ -250,10 +253,10 @@ class _EngineStandIn:
 
 def test_with_use_vllm_the_engine_samples_from_the_weights_of_the_latest_step(tiny_model_dir, tiny_task, tmp_path,
                                                                              monkeypatch):
-    import hypo.vllm_sampling
+    import hypo.sampling.vllm
 
     engine = _EngineStandIn(tiny_model_dir)
-    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: engine)
+    monkeypatch.setattr(hypo.sampling.vllm, "make_vllm_sampler", lambda config, path: engine)
     result = train(_config(tiny_model_dir, tiny_task, tmp_path, "vllm", method="hypo", max_steps=3, use_vllm=True,
                            vllm_mode="server", eval_at_end=False))
     assert len(engine.pushes) == 4 and len(engine.generated_with) == 3 and engine.closed  # before step 1 + each step
@@ -267,10 +270,10 @@ def test_with_use_vllm_the_engine_samples_from_the_weights_of_the_latest_step(ti
 
 
 def test_an_engine_with_stale_weights_shows_in_the_sampler_logp_gap(tiny_model_dir, tiny_task, tmp_path, monkeypatch):
-    import hypo.vllm_sampling
+    import hypo.sampling.vllm
 
     engine = _EngineStandIn(tiny_model_dir, loads_pushes=False)
-    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: engine)
+    monkeypatch.setattr(hypo.sampling.vllm, "make_vllm_sampler", lambda config, path: engine)
     result = train(_config(tiny_model_dir, tiny_task, tmp_path, "stale", method="hypo", max_steps=3, use_vllm=True,
                            vllm_mode="server", eval_at_end=False, learning_rate=1e-2))
     gaps = [json.loads(line)["sampler/logp_gap_mean"]
@@ -286,7 +289,7 @@ class _EngineThatDies(_EngineStandIn):
         self.healthy_calls = healthy_calls
 
     def generate(self, *args, **kwargs):
-        from hypo.vllm_sampling import VLLMServerError
+        from hypo.sampling.vllm.protocol import VLLMServerError
 
         if len(self.generated_with) == self.healthy_calls:
             raise VLLMServerError("vLLM server http://127.0.0.1:9 (sampling): connection refused")
@@ -294,17 +297,17 @@ class _EngineThatDies(_EngineStandIn):
 
 
 def test_a_vllm_server_lost_mid_run_stops_it_with_its_checkpoints_kept(tiny_model_dir, tiny_task, tmp_path, monkeypatch):
-    import hypo.vllm_sampling
-    from hypo.vllm_sampling import VLLMServerError
+    import hypo.sampling.vllm
+    from hypo.sampling.vllm.protocol import VLLMServerError
 
-    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: _EngineThatDies(tiny_model_dir, 3))
+    monkeypatch.setattr(hypo.sampling.vllm, "make_vllm_sampler", lambda config, path: _EngineThatDies(tiny_model_dir, 3))
     settings = {"method": "hypo", "max_steps": 4, "save_steps": 2, "use_vllm": True, "vllm_mode": "server",
                 "eval_at_end": False}
     with pytest.raises(VLLMServerError, match="127.0.0.1:9"):  # no fallback to generate
         train(_config(tiny_model_dir, tiny_task, tmp_path, "lost", **settings))
     run = tmp_path / "lost"
     assert (run / "checkpoint-2").is_dir() and not (run / "model").exists()
-    monkeypatch.setattr(hypo.vllm_sampling, "make_vllm_sampler", lambda config, path: _EngineStandIn(tiny_model_dir))
+    monkeypatch.setattr(hypo.sampling.vllm, "make_vllm_sampler", lambda config, path: _EngineStandIn(tiny_model_dir))
     uninterrupted = train(_config(tiny_model_dir, tiny_task, tmp_path, "whole", **settings))
     resumed = train(_config(tiny_model_dir, tiny_task, tmp_path, "lost", **settings, resume_from_checkpoint="latest"))
     _assert_same_weights(resumed.model_dir, uninterrupted.model_dir)

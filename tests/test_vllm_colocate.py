@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from hypo.vllm_server import server_environment, vllm_python
+from hypo.sampling.vllm.process import server_environment, vllm_python
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("vllm_colocate_worker.py")
 
 
 def test_colocated_engine_samples_the_policy_and_takes_its_weights():
-    from hypo.models import resolve_model_path
+    from hypo.models.loading import resolve_model_path
 
     python = vllm_python()
     if python is None:

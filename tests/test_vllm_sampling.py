@@ -17,23 +17,20 @@ import torch
 
 from conftest import build_model
 from hypo.config import HyPOConfig
-from hypo.logprobs import mask_after_eos
-from hypo.vllm_sampling import (
-    VLLMColocate,
+from hypo.objective.logprobs import mask_after_eos
+from hypo.sampling.vllm import make_vllm_sampler
+from hypo.sampling.vllm.colocate import VLLMColocate, free_port
+from hypo.sampling.vllm.protocol import (
     VLLMSampleError,
-    VLLMServerClient,
     VLLMServerError,
     completion_request,
     completions_from_samples,
-    free_port,
-    make_vllm_sampler,
-    merged_lora_state_dict,
     neutral_sampling_params,
     prompt_token_lists,
     samples_from_completion_response,
-    vllm_state_dict,
-    write_weights,
 )
+from hypo.sampling.vllm.server import VLLMServerClient
+from hypo.sampling.vllm.weights import merged_lora_state_dict, vllm_state_dict, write_weights
 
 EOS, OTHER_STOP, PAD = 2, 7, 0
 PROMPTS = torch.tensor([[PAD, 11, 12], [13, 14, 15]])  # (G=2, P=3) left-padded
@@ -143,7 +140,7 @@ def test_untied_output_layer_is_kept(tiny_tokenizer):
 def test_lora_is_pushed_merged_without_touching_the_policy(tiny_tokenizer):
     """A plain model loaded with the merged weights gives the LoRA policy's logits; the policy's own weights
     (and so the reference, its base with adapters off) are unchanged."""
-    from hypo.models import add_lora
+    from hypo.models.loading import add_lora
 
     policy = add_lora(build_model(tiny_tokenizer, seed=1), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     torch.manual_seed(2)
@@ -344,7 +341,7 @@ def test_config_builds_a_server_client(fake, tmp_path):
 
 
 def test_push_policy_main_process_pushes_to_a_server_and_everyone_waits(fake, tmp_path, tiny_tokenizer):
-    from hypo.vllm_sampling import push_policy
+    from hypo.sampling.vllm.weights import push_policy
 
     waits = []
     policy = build_model(tiny_tokenizer)
@@ -437,7 +434,9 @@ def test_colocate_engine_arguments_outputs_and_weight_loading(monkeypatch, tiny_
 
 
 def test_bench_vllm_variant_counts_the_weight_push_in_the_step():
-    from hypo.bench import BenchSettings, markdown, ratios, variants
+    from hypo.bench.results import markdown, ratios
+    from hypo.bench.settings import BenchSettings
+    from hypo.bench.variants import variants
 
     assert variants(BenchSettings(trl=False, fewer_prompts=(), vllm=True)) == ["machine", "dpo", "hypo",
                                                                                  "vllm-sampling"]

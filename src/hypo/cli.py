@@ -91,8 +91,9 @@ def parse_train_args(argv: list[str]) -> HyPOConfig:
 
 
 def run_train(argv: list[str]) -> int:
-    from hypo.evaluate import format_summary
-    from hypo.trainer import NonFiniteError, TrainingInterrupted, train
+    from hypo.evaluation.held_out import format_summary
+    from hypo.training.stopping import NonFiniteError, TrainingInterrupted
+    from hypo.training.trainer import train
 
     config = parse_train_args(argv)
     try:
@@ -183,7 +184,7 @@ def _eval_judge(args, output_dir: Path, default: str | None):
         if args.judge_template:
             raise ValueError("--judge_template applies to --judge llm")
         return args.judge or default
-    from hypo.llm_judge import TEMPLATES, LLMJudge
+    from hypo.evaluation.llm_judge import TEMPLATES, LLMJudge
 
     if not args.judge_base_url or not args.judge_model:
         raise ValueError("--judge llm needs --judge_base_url and --judge_model")
@@ -195,8 +196,9 @@ def _eval_judge(args, output_dir: Path, default: str | None):
 
 def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
     """Held-out prompts, and the fixed baseline responses when --baseline_dataset is given."""
-    from hypo.data import load_prompt_data, read_rows, tokenize_prompt_rows
-    from hypo.evaluate import baseline_responses
+    from hypo.data.encoding import load_prompt_data, tokenize_prompt_rows
+    from hypo.data.files import read_rows
+    from hypo.evaluation.held_out import baseline_responses
 
     if args.baseline_dataset is None:
         prompts, _ = load_prompt_data(args.prompts or str(task.eval_prompts), tokenizer,
@@ -218,9 +220,10 @@ def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
 def run_eval(argv: list[str]) -> int:
     import torch
 
-    from hypo.evaluate import evaluate_policy, format_summary, write_eval_results
-    from hypo.llm_judge import JudgeEndpointError
-    from hypo.models import Reference, freeze, load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.evaluation.held_out import evaluate_policy, format_summary, write_eval_results
+    from hypo.evaluation.llm_judge import JudgeEndpointError
+    from hypo.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.models.reference import Reference, freeze
     from hypo.tasks import get_task
 
     args = eval_parser().parse_args(argv)
@@ -267,7 +270,7 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def run_report(argv: list[str]) -> int:
-    from hypo.report import write_report
+    from hypo.evaluation.report import write_report
 
     args = report_parser().parse_args(argv)
     path = write_report(args.runs, args.output_dir)
@@ -276,14 +279,14 @@ def run_report(argv: list[str]) -> int:
 
 
 def sft_parser():
-    from hypo.sft import SFTRunConfig
+    from hypo.training.sft import SFTRunConfig
 
     return config_parser(SFTRunConfig, "hypo sft", "Supervised fine-tuning with TRL's SFTTrainer (the SFT step of "
                          "the recipes). Options may also come from --config (YAML or JSON).")
 
 
 def run_sft(argv: list[str]) -> int:
-    from hypo.sft import SFTRunConfig, sft
+    from hypo.training.sft import SFTRunConfig, sft
 
     config = parse_config_args(sft_parser(), SFTRunConfig, argv)
     result = sft(config)
@@ -293,7 +296,7 @@ def run_sft(argv: list[str]) -> int:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from hypo.export import FORMATS
+    from hypo.evaluation.export import FORMATS
 
     p = argparse.ArgumentParser(prog="hypo export", description="Generate a model's answers in the format of a "
                                 "standard evaluator: alpaca_eval (AlpacaEval 2's model_outputs JSON) or mt_bench "
@@ -323,9 +326,9 @@ def export_parser() -> argparse.ArgumentParser:
 def run_export(argv: list[str]) -> int:
     import torch
 
-    from hypo.datafiles import read_rows
-    from hypo.export import alpaca_eval_outputs, model_answer_fn, mt_bench_answers, write_outputs
-    from hypo.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.data.files import read_rows
+    from hypo.evaluation.export import alpaca_eval_outputs, model_answer_fn, mt_bench_answers, write_outputs
+    from hypo.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
     args = export_parser().parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_questions < 0 or \
@@ -364,7 +367,7 @@ in anew on every allocation: CPU training and generation ran several times faste
 
 
 def run_bench(argv: list[str]) -> int:
-    from hypo.bench import run_bench as _run_bench
+    from hypo.bench.runner import run_bench as _run_bench
 
     return _run_bench(argv)
 

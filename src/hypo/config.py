@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hypo.models import DEFAULT_MODEL
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+"""Name that selects the embedded SmolLM2-135M-Instruct (also used when no model is given)."""
 
 
 def _help(text: str, default: Any = None, **kw) -> Any:
@@ -323,7 +324,8 @@ def _problems(c: HyPOConfig):
     yield from _source_problems(c)
 
 
-_HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+"""A Hugging Face Hub repository id: `name` or `org/name`."""
 
 
 def _source_problems(c: HyPOConfig):
@@ -337,7 +339,7 @@ def _source_problems(c: HyPOConfig):
         yield f"eval_max_pairs must be >= 0 (0: all), got {c.eval_max_pairs}"
     if c.per_device_eval_batch_size < 1:
         yield f"per_device_eval_batch_size must be >= 1, got {c.per_device_eval_batch_size}"
-    if c.hub_model_id is not None and not _HUB_REPO_ID.match(c.hub_model_id):
+    if c.hub_model_id is not None and not HUB_REPO_ID.match(c.hub_model_id):
         yield f"hub_model_id must be 'name' or 'org/name' (letters, digits, '-', '_', '.'), got {c.hub_model_id!r}"
 
 

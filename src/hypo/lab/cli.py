@@ -1,10 +1,10 @@
 """`hypo lab bandit | lm | rlhf`: the coverage lab's command line.
 
-- `bandit`: exact contextual-bandit sweeps (`hypo.lab.experiments`), minutes on a CPU.
-- `lm`: DPO, HyPO and RLHF runs on the embedded language model (`hypo.lab.lm`), hours on a CPU, resumable.
-- `rlhf`: one RLHF baseline run (`hypo.lab.rlhf`); it takes `hypo train`'s options plus the reward model's.
+- `bandit`: exact contextual-bandit sweeps (`hypo.lab.bandit.experiments`), minutes on a CPU.
+- `lm`: DPO, HyPO and RLHF runs on the embedded language model (`hypo.lab.lm.grid`), hours on a CPU, resumable.
+- `rlhf`: one RLHF baseline run (`hypo.lab.lm.rlhf`); it takes `hypo train`'s options plus the reward model's.
 - `partial-coverage`: DPO and HyPO on a synthetic language with partial coverage by construction, judged in
-  three gold worlds (`hypo.lab.partial_coverage`), under an hour on a CPU, resumable.
+  three gold worlds (`hypo.lab.partial_coverage.experiment`), under an hour on a CPU, resumable.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ USAGE = """hypo lab: the coverage lab (arXiv 2406.01462)
 
 
 def bandit_parser() -> argparse.ArgumentParser:
-    from hypo.lab.regimes import REGIMES
+    from hypo.lab.bandit.regimes import REGIMES
 
     p = argparse.ArgumentParser(prog="hypo lab bandit", description="Exact contextual-bandit experiments comparing "
                                 "DPO, HyPO and KL-regularized RLHF under global and partial coverage.")
@@ -42,9 +42,9 @@ def bandit_parser() -> argparse.ArgumentParser:
 def run_bandit(argv: list[str]) -> int:
     import torch
 
-    from hypo.lab.experiments import LabConfig, run_bandit_lab
-    from hypo.lab.regimes import split_regime
-    from hypo.lab.training import TrainSettings
+    from hypo.lab.bandit.experiments import LabConfig, run_bandit_lab
+    from hypo.lab.bandit.regimes import split_regime
+    from hypo.lab.bandit.training import TrainSettings
 
     args = bandit_parser().parse_args(argv)
     torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def lm_parser() -> argparse.ArgumentParser:
 
 
 def run_lm(argv: list[str]) -> int:
-    from hypo.lab.lm import METHODS, LMLabConfig, run_lm_lab
+    from hypo.lab.lm.grid import METHODS, LMLabConfig, run_lm_lab
 
     args = lm_parser().parse_args(argv)
     if args.quick:
@@ -119,7 +119,7 @@ def run_rlhf(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from hypo.config import HyPOConfig
-    from hypo.lab.rlhf import RewardModelConfig, run_rlhf
+    from hypo.lab.lm.rlhf import RewardModelConfig, run_rlhf
 
     parser = HfArgumentParser((HyPOConfig, RewardModelConfig), prog="hypo lab rlhf",
                               description="Online-RLHF baseline: a reward model fitted on the pairs, then RLOO "
@@ -134,7 +134,7 @@ def run_rlhf(argv: list[str]) -> int:
 
 
 def partial_coverage_parser() -> argparse.ArgumentParser:
-    from hypo.lab.partial_coverage import PartialCoverageConfig
+    from hypo.lab.partial_coverage.experiment import PartialCoverageConfig
 
     d = PartialCoverageConfig()
     p = argparse.ArgumentParser(prog="hypo lab partial-coverage", description="DPO and HyPO on a synthetic language "
@@ -156,7 +156,7 @@ def partial_coverage_parser() -> argparse.ArgumentParser:
 
 
 def run_partial_coverage(argv: list[str]) -> int:
-    from hypo.lab.partial_coverage import PartialCoverageConfig, run_partial_coverage_lab
+    from hypo.lab.partial_coverage.experiment import PartialCoverageConfig, run_partial_coverage_lab
 
     args = partial_coverage_parser().parse_args(argv)
     config = PartialCoverageConfig(seeds=tuple(int(s) for s in args.seeds.split(",") if s),

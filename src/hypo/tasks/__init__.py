@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_TASK", "TASK_JUDGES", "TaskFiles", "available_tasks", "get_t
 DEFAULT_TASK = "reviews"
 
 TASK_JUDGES: dict[str, str] = {"reviews": "review-sentiment"}
-"""Gold judge name (see `hypo.judges.get_judge`) of each bundled task."""
+"""Gold judge name (see `hypo.evaluation.judges.get_judge`) of each bundled task."""
 
 
 def task_judges() -> dict:

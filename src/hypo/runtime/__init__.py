@@ -1,0 +1,2 @@
+"""Where and how a run executes: the accelerate set-up (`accelerator`), compute precision (`precision`), and
+what sharded runs must do together (`distributed`). No training logic lives here."""
