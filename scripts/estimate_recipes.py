@@ -19,7 +19,7 @@ PEAK_BF16 = {"H100": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM, vendor f
 MFU = 0.30  # assumed fraction of the peak reached by training matmuls under bf16 autocast (20-40% is typical)
 DECODE_STEP_SECONDS = {"1.4b": 0.020, "2.8b": 0.025, "8b": 0.030}
 """Per decoding step of transformers' generate (batch of one micro-step), on an H100. Anchor: 18.6 ms measured
-for a 1.1B model with hypo's plain decoding loop (DESIGN.md section 7); larger models assumed a little slower
+for a 1.1B model with hypo's plain decoding loop (docs/design.md: performance); larger models assumed a little slower
 (weight reads grow, but the loop is launch-bound at these sizes). An A100 is assumed 1.3x slower per step."""
 
 

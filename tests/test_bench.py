@@ -9,7 +9,7 @@ from hypo.bench.probes import measure_copy_bandwidth, measure_matmul, measure_re
 from hypo.bench.results import hypo_floor_seconds, ratios
 from hypo.bench.settings import BenchSettings
 from hypo.bench.variants import variants
-from hypo.cli import main
+from hypo.cli.main import main
 
 MACHINE = {"params": 1e8, "param_bytes": 4e8, "matmul_flops": 2e11, "copy_bytes_per_second": 1e10,
            "decode_step_seconds": 0.08, "decode_step_floor_seconds": 0.04, "forward_backward_flops": 1.4e11}

@@ -149,7 +149,7 @@ def test_resuming_with_other_settings_is_refused(tiny_model_dir, tiny_task, tmp_
 
 
 def test_resume_on_the_command_line_reads_the_runs_settings(tiny_model_dir, tiny_task, tmp_path):
-    from hypo.cli import parse_train_args
+    from hypo.cli.train import parse_train_args
 
     run_dir = tmp_path / "run"
     train(HyPOConfig(**_options(tiny_model_dir, tiny_task, run_dir, "dpo", max_steps=3, beta=0.3)))

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from hypo.cli import eval_parser, main, normalize_flags, train_parser
+from hypo.cli.evaluate import eval_parser
+from hypo.cli.main import main, normalize_flags
+from hypo.cli.train import train_parser
 from hypo.config import HyPOConfig
 
 
@@ -67,7 +69,7 @@ def test_command_line_reexecutes_once_with_tuned_malloc(monkeypatch):
     import platform
     import sys
 
-    from hypo import cli
+    from hypo.cli import main as cli
 
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("the malloc settings are glibc's")

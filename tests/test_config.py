@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hypo.cli import parse_train_args
+from hypo.cli.train import parse_train_args
 from hypo.config import HyPOConfig, read_config_file, save_config
 
 
@@ -21,7 +21,9 @@ def test_the_defaults_are_valid_and_warn_about_nothing():
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"beta": 0}, "beta must be > 0"),
     ({"kl_coef": -1}, "kl_coef must be >= 0"),
-    ({"method": "ppo"}, "method must be"),
+    ({"method": "ppo"}, "method must be one of 'hypo', 'dpo', got 'ppo' (str)"),
+    ({"loss_type": "hinge2"}, "loss_type must be one of"),
+    ({"vllm_mode": "remote"}, "vllm_mode must be one of 'server', 'colocate', got 'remote' (str)"),
     ({"eval_temperature": 0}, "eval_temperature must be > 0 and eval_top_p in (0, 1]"),
     ({"eval_top_p": 1.5}, "eval_temperature must be > 0 and eval_top_p in (0, 1]"),
     ({"cache_implementation": "paged"}, "cache_implementation must be one of 'auto', 'dynamic', 'static'"),
@@ -129,8 +131,11 @@ def test_right_types_pass_and_ints_become_floats():
     ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
     ({"method": "dpo", "eval_temperature": 0.0}, "eval_temperature must be > 0"),
     ({"method": "dpo", "eval_top_p": 1.5}, "eval_top_p in (0, 1]"),
-    ({"lora_r": 0}, "lora_r and lora_alpha must be >= 1"),
-    ({"lora_dropout": 1.0}, "lora_dropout in [0, 1)"),
+    ({"lora_r": 0}, "lora_r must be >= 1, got 0"),
+    ({"lora_alpha": 0}, "lora_alpha must be >= 1, got 0"),
+    ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1), got 1.0"),
+    ({"save_steps": -1}, "save_steps must be >= 0"),
+    ({"eval_max_prompts": -1}, "eval_max_prompts must be >= 0"),
 ])
 def test_out_of_range_values_are_reported(overrides, message):
     with pytest.raises(ValueError, match="invalid configuration") as info:

@@ -10,7 +10,7 @@ from test_llm_judge import chat_server, running_chat_server  # noqa: F401 (fixtu
 from test_reward_model_judge import _save_reward_model
 
 from conftest import build_model, write_jsonl
-from hypo.cli import main
+from hypo.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_llm_judge_options_and_unreachable_endpoint(tiny_model_dir, tiny_task, t
 
 
 def test_judge_timeout_reaches_the_llm_judge(tmp_path):
-    from hypo.cli import _eval_judge, eval_parser
+    from hypo.cli.evaluate import _eval_judge, eval_parser
 
     args = eval_parser().parse_args(["--model", "m", "--judge", "llm", "--judge_base_url", "http://127.0.0.1:9/v1",
                                      "--judge_model", "x", "--judge_timeout", "7.5"])

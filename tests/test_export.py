@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from hypo.cli import main
+from hypo.cli.main import main
 from hypo.evaluation.export import MT_BENCH_TEMPERATURES, alpaca_eval_outputs, mt_bench_answers
 
 ALPACA = [{"dataset": "helpful_base", "instruction": "Write a short review of a cafe.",

@@ -17,7 +17,6 @@ from hypo.lab.bandit.problem import (
     mass_on,
     policy_logps,
     reverse_kl,
-    rlhf_objective,
     sample_pairs,
     sampled_kl_objective,
     tabular_features,
@@ -28,7 +27,6 @@ from hypo.lab.bandit.regimes import (
     Sizes,
     as_built_world,
     beyond_frontier,
-    make_bandit,
     make_bandit_worlds,
     split_regime,
 )
@@ -70,9 +68,9 @@ def test_exact_kl_reward_win_rate_and_masses_by_hand():
 
 def test_sampled_hypo_gradient_matches_exact_kl_gradient_on_average():
     """2000 copies of one log-linear bandit, each with its own k = 4 samples per context: the mean of the
-    kl_surrogate gradients matches autograd of the exact E_x KL (DESIGN section 2)."""
+    kl_surrogate gradients matches autograd of the exact E_x KL (docs/design.md: the objective)."""
     generator = torch.Generator().manual_seed(0)
-    one = make_bandit("linear-identified-bt", 1, generator, Sizes(num_contexts=2, num_responses=6))
+    one = make_bandit_worlds("linear-identified-bt", 1, generator, Sizes(num_contexts=2, num_responses=6))[0]
     copies = 2000
     bandit = Bandit(*(t.expand(copies, *t.shape[1:]) for t in (one.features, one.ref_logps, one.reward, one.covered)))
     theta0 = torch.randn(1, one.features.shape[-1], dtype=torch.float64, generator=generator)
@@ -123,7 +121,7 @@ def test_reward_model_fit_is_converged(regime):
     autograd gradient of reward_model_loss is ~0 (Newton stops below 1e-10 per coordinate), and random
     perturbations only raise the loss. On separable (-det) data the L2 term keeps w finite."""
     generator = torch.Generator().manual_seed(11)
-    bandit = make_bandit(regime, 3, generator)
+    bandit = make_bandit_worlds(regime, 3, generator)[0]
     pairs = sample_pairs(bandit, 128, labels=split_regime(regime)[1], generator=generator)
     w_hat = fit_reward_model(bandit, pairs, weight_decay=1e-3)
     w = w_hat.clone().requires_grad_(True)
@@ -142,7 +140,7 @@ def test_rlhf_is_the_exact_optimum_of_its_objective(regime):
     r_hat = w_hat . phi: its policy equals pi_ref exp(r_hat / beta) / Z computed directly, the gradient of
     the objective there is ~0, and train_policy returns exactly it (no optimizer steps to converge)."""
     generator = torch.Generator().manual_seed(12)
-    bandit = make_bandit(regime, 3, generator)
+    bandit = make_bandit_worlds(regime, 3, generator)[0]
     pairs = sample_pairs(bandit, 128, labels="bt", generator=generator)
     w_hat = fit_reward_model(bandit, pairs)
     reward_hat = torch.einsum("ixyd,id->ixy", bandit.features, w_hat)
@@ -150,7 +148,8 @@ def test_rlhf_is_the_exact_optimum_of_its_objective(regime):
         theta = rlhf_optimum(w_hat, beta=beta).requires_grad_(True)
         closed_form = torch.log_softmax(bandit.ref_logps + reward_hat / beta, dim=-1)
         assert torch.allclose(policy_logps(theta, bandit), closed_form, atol=1e-10)
-        rlhf_objective(theta, bandit, reward_hat, beta=beta).sum().backward()
+        logps = policy_logps(theta, bandit)  # the RLHF objective, -(E_pi r_hat - beta KL(pi || pi_ref)), exactly
+        (-(expected_reward(logps, reward_hat) - beta * reverse_kl(logps, bandit.ref_logps))).sum().backward()
         assert theta.grad.abs().max() < 1e-9
         trained, history = train_policy(bandit, pairs, MethodSpec("rlhf", beta=beta),
                                         TrainSettings(steps=400, log_every=5), reward_weights=w_hat)
@@ -211,7 +210,7 @@ def test_trap_worlds_differ_only_in_the_hidden_weight():
 @pytest.mark.parametrize("regime", REGIMES)
 def test_regimes_cover_as_documented(regime):
     """Partial coverage never covers the best response; the trap feature is 0 on every covered response."""
-    bandit = make_bandit(regime, 5, torch.Generator().manual_seed(3))
+    bandit = make_bandit_worlds(regime, 5, torch.Generator().manual_seed(3))[0]
     structure, _ = split_regime(regime)
     assert bandit.ref_logps.exp().sum(-1).tolist() == [pytest.approx([1.0] * 4)] * 5
     if structure == "tabular-global":
@@ -277,7 +276,7 @@ def test_tabular_exact_hypo_under_adam_hardly_depends_on_kl_coef():
     kl_coef = 1e-4 therefore ends about where kl_coef = 1e-2 does (low KL, mass moved off the data), far
     from DPO (kl_coef = 0), while plain gradient descent with the same kl_coef stays with DPO."""
     generator = torch.Generator().manual_seed(1)
-    bandit = make_bandit("tabular-partial-bt", 6, generator)
+    bandit = make_bandit_worlds("tabular-partial-bt", 6, generator)[0]
     pairs = sample_pairs(bandit, 128, labels="bt", generator=generator)
     adam, gd = TrainSettings(steps=400, log_every=400), TrainSettings(steps=400, learning_rate=1.0,
                                                                        optimizer="gd", log_every=400)

@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from hypo.cli import main
+from hypo.cli.main import main
 from hypo.lab.bandit.experiments import across_worlds, interval
 
 

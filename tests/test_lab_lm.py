@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from hypo.cli import main
+from hypo.cli.main import main
 from hypo.lab.lm.grid import CENTER, SWEEP, LMLabConfig, LMRun, RunOutcome, run_command, summary_rows
 
 

@@ -1,5 +1,5 @@
 """Numeric tests of the loss functions, with the arithmetic in each docstring, and the gradient tests
-that decide the KL estimator (DESIGN section 2)."""
+that decide the KL estimator (docs/design.md: the objective)."""
 
 import math
 
@@ -131,26 +131,28 @@ def test_kl_surrogate_gradient_matches_exact_reverse_kl(k):
     assert torch.allclose(sampled, exact, atol=tol), (sampled, exact)
 
 
-def test_k3_as_loss_has_forward_kl_gradient_not_reverse():
-    """grad E_pi[k3] taken through logp only = E_pi[(1 - q/p) grad logp] = -sum q grad log p
-    = grad KL(pi_ref || pi): the forward KL, not the reverse KL HyPO regularizes."""
+def test_kl_estimates_cannot_become_a_loss():
+    """Schulman's k1 and k3 are logged estimates only: hypo's `kl_estimates` returns them detached, so neither
+    can be differentiated by accident. Each would be the wrong loss (docs/design.md, pitfalls): k1 = logp - logp_ref
+    has gradient E_pi[grad logp] = 0, no regularization at all; k3 has the gradient of the forward KL
+    (E_pi[(1 - q/p) grad logp] = -sum q grad log p). The same formulas, differentiated, show both."""
+    policy = torch.tensor([-2.0, -4.0], requires_grad=True)
+    estimates = kl_estimates(policy, torch.tensor([-3.0, -3.0]))
+    assert not any(value.requires_grad for value in estimates.values())
     theta, ref_logp = _categorical_setup()
     reverse = _exact_grad(theta, lambda logp: _reverse_kl(logp, ref_logp))
     forward = _exact_grad(theta, lambda logp: _forward_kl(logp, ref_logp))
-
-    def k3_loss(p, r, _k):
-        log_ratio = p - r  # differentiated: the pitfall
-        return torch.expm1(-log_ratio) + log_ratio
-
-    sampled = _sampled_grad(theta, ref_logp, 1, k3_loss)
-    assert torch.allclose(sampled, forward, atol=0.03)
-    assert (sampled - reverse).abs().max() > 0.1
+    k1_loss = _sampled_grad(theta, ref_logp, 1, lambda p, r, _k: p - r)
+    k3_loss = _sampled_grad(theta, ref_logp, 1, lambda p, r, _k: torch.expm1(r - p) + (p - r))
+    assert k1_loss.abs().max() < 0.01 and reverse.abs().max() > 0.1
+    assert torch.allclose(k3_loss, forward, atol=0.03) and (k3_loss - reverse).abs().max() > 0.1
 
 
-def test_differentiating_log_ratio_directly_gives_no_regularization():
-    """grad E_pi[logp - logp_ref] through logp only = E_pi[grad logp] = 0: no gradient in expectation."""
+def test_kl_surrogate_is_neither_pitfall():
+    """hypo's surrogate on the same samples follows the reverse KL, and is far from both wrong gradients
+    above: zero (the differentiated log-ratio) and the forward KL's (the differentiated k3)."""
     theta, ref_logp = _categorical_setup()
-    reverse = _exact_grad(theta, lambda logp: _reverse_kl(logp, ref_logp))
-    sampled = _sampled_grad(theta, ref_logp, 1, lambda p, r, _k: p - r)
-    assert sampled.abs().max() < 0.01
-    assert reverse.abs().max() > 0.1
+    forward = _exact_grad(theta, lambda logp: _forward_kl(logp, ref_logp))
+    ours = _sampled_grad(theta, ref_logp, 2, lambda p, r, k: kl_surrogate(p, r, num_generations=k))
+    assert ours.abs().max() > 0.1
+    assert (ours - forward).abs().max() > 0.1

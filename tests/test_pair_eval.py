@@ -38,7 +38,7 @@ def items(tiny_tokenizer, tmp_path_factory):
 
 
 def _one_by_one(policy, reference, items, beta):
-    """The metrics from each pair's log-probs, computed alone, and the formulas of DESIGN section 2."""
+    """The metrics from each pair's log-probs, computed alone, and the formulas of docs/design.md: the objective."""
     rows = []
     for item in items:
         prompt = torch.tensor([item["prompt_input_ids"]])

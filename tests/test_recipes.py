@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from hypo.cli import main
+from hypo.cli.main import main
 from hypo.config import HyPOConfig, read_config_file
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

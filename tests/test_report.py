@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hypo.cli import main
+from hypo.cli.main import main
 from hypo.evaluation.report import load_run, markdown_table
 
 

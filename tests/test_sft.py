@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from hypo.cli import main
+from hypo.cli.main import main
 from hypo.data.files import DataError
 from hypo.training.sft import SFTRunConfig, load_sft_rows
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from hypo.cli import main
+from hypo.cli.main import main
 from hypo.evaluation.llm_judge import TEMPLATES, TLDR_TEMPLATE, LLMJudge, parse_preferred
 
 

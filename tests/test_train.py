@@ -311,3 +311,30 @@ def test_a_vllm_server_lost_mid_run_stops_it_with_its_checkpoints_kept(tiny_mode
     uninterrupted = train(_config(tiny_model_dir, tiny_task, tmp_path, "whole", **settings))
     resumed = train(_config(tiny_model_dir, tiny_task, tmp_path, "lost", **settings, resume_from_checkpoint="latest"))
     _assert_same_weights(resumed.model_dir, uninterrupted.model_dir)
+
+
+def test_the_optimizer_never_steps_on_a_non_finite_loss_or_gradient():
+    """`optimizer_step` takes no step, advances no schedule and clears the gradient when a loss term or the
+    gradient is not finite (and names which); with everything finite it steps."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from hypo.training.trainer import optimizer_step
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), config=SimpleNamespace(max_grad_norm=1.0),
+                          trainable=list(layer.parameters()), optimizer=optimizer, scheduler=scheduler)
+    before = [p.detach().clone() for p in layer.parameters()]
+    cases = ((torch.tensor([1.0, 0.0]), 1.0, "the online (kl) loss"), (torch.tensor([0.0, 1.0]), 1.0, "the offline (dpo) loss"),
+             (torch.ones(2), float("nan"), "the gradient norm"))
+    for finite, scale, problem in cases:
+        layer(torch.ones(1, 3)).sum().mul(scale).backward()
+        assert optimizer_step(run, finite)[1] == problem
+        assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters(), strict=True))
+        assert all(p.grad is None for p in layer.parameters()) and scheduler.last_epoch == 0
+    layer(torch.ones(1, 3)).sum().backward()
+    assert optimizer_step(run, torch.ones(2))[1] is None
+    assert not torch.equal(before[0], layer.weight) and scheduler.last_epoch == 1

@@ -1,6 +1,6 @@
 """Typed configuration of `hypo train`, its validation, and loading from YAML/JSON with CLI overrides.
 
-Field names follow TRL where the concept is the same (DESIGN section 4); `kl_coef` is the paper's
+Field names follow TRL where the concept is the same (docs/design.md: names); `kl_coef` is the paper's
 lambda, the weight of the online reverse-KL term, and never shares a name with DPO's `beta`.
 """
 
@@ -184,22 +184,15 @@ class HyPOConfig:
     hub_private_repo: bool = _help("Create the --push_to_hub repository as private.", False)
 
     def __post_init__(self) -> None:
-        problems = list(_problems(self))
-        if problems:
-            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
-        for name, annotation in _field_types().items():  # plain Python numbers: 1 -> 1.0, numpy.int64(2) -> 2
-            value = getattr(self, name)
-            kind = next((t for t in (int, float) if annotation in (t, t | None)), None)
-            if kind is not None and value is not None and type(value) is not kind:
-                setattr(self, name, kind(value))
+        check_config(self, _problems)
         if self.dtype == "bfloat16":
             warnings.warn("dtype=bfloat16 keeps the weights themselves in bf16 (8 bits of mantissa): AdamW updates "
                           "smaller than about 1/256 of a weight are rounded away, so at learning rates near 1e-5 "
                           "most weights never change (measured: 84-90% of weight elements unchanged after 4-12 "
                           "steps). Use dtype=float32 with mixed_precision=bf16 for bf16 speed with every update "
-                          "kept.", stacklevel=2)
+                          "kept.", stacklevel=3)
         if self.method == "hypo" and self.num_generations == 1:
-            warnings.warn("num_generations=1: the KL estimator has no baseline (higher variance)", stacklevel=2)
+            warnings.warn("num_generations=1: the KL estimator has no baseline (higher variance)", stacklevel=3)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,6 +209,22 @@ def field_type_problems(config) -> list[str]:
     """The type problems of every field of a config dataclass instance (HyPOConfig, or `hypo sft`'s)."""
     cls = type(config)
     return [p for p in (_type_problem(f.name, getattr(config, f.name), cls) for f in dataclasses.fields(config)) if p]
+
+
+def check_config(config, range_problems) -> None:
+    """Validate a config dataclass instance: the type of every field first (the range checks assume the right
+    types), then `range_problems(config)`; all problems in one ValueError. Numbers become plain Python numbers."""
+    problems = field_type_problems(config) or list(range_problems(config))
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    plain_numbers(config)
+
+
+def same_as(name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field of another entry point's config (`hypo sft`) that means what HyPOConfig's field `name` means:
+    the same help text, and its default unless `default` is given."""
+    source = HyPOConfig.__dataclass_fields__[name]
+    return field(default=source.default if default is dataclasses.MISSING else default, metadata=dict(source.metadata))
 
 
 def plain_numbers(config) -> None:
@@ -267,14 +276,7 @@ def _type_problem(name: str, value: Any, config_class: type | None = None) -> st
 
 
 def _problems(c: HyPOConfig):
-    type_problems = [p for p in (_type_problem(f.name, getattr(c, f.name)) for f in dataclasses.fields(c)) if p]
-    if type_problems:  # the range checks below assume the right types
-        yield from type_problems
-        return
-    if c.method not in ("hypo", "dpo"):
-        yield f"method must be 'hypo' or 'dpo', got {c.method!r}"
-    if c.loss_type not in ("sigmoid", "ipo"):
-        yield f"loss_type must be 'sigmoid' or 'ipo', got {c.loss_type!r}"
+    """Range and consistency checks of a HyPOConfig whose fields have the right types."""
     if c.beta <= 0:
         yield f"beta must be > 0, got {c.beta}"
     if c.kl_coef < 0:
@@ -283,9 +285,8 @@ def _problems(c: HyPOConfig):
         yield f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}"
     if c.loss_type == "ipo" and c.label_smoothing:
         yield "label_smoothing applies to the sigmoid loss only"
-    for name in ("num_generations", "per_device_prompt_batch_size", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "max_completion_length", "max_length", "max_prompt_length",
-                 "logging_steps", "eval_num_samples", "eval_batch_size"):
+    for name in ("num_generations", "per_device_prompt_batch_size", "max_completion_length", "max_length",
+                 "max_prompt_length", "eval_num_samples", "eval_batch_size"):
         if getattr(c, name) < 1:
             yield f"{name} must be >= 1, got {getattr(c, name)}"
     if c.dtype == "float16":
@@ -296,6 +297,30 @@ def _problems(c: HyPOConfig):
     if c.eval_temperature <= 0 or not 0 < c.eval_top_p <= 1:
         yield f"eval_temperature must be > 0 and eval_top_p in (0, 1], got {c.eval_temperature} and {c.eval_top_p}"
     yield from _vllm_problems(c)
+    yield from optimization_problems(c)
+    if not 0 <= c.lora_dropout < 1:
+        yield f"lora_dropout must be in [0, 1), got {c.lora_dropout}"
+    if c.num_threads is not None and c.num_threads < 1:
+        yield f"num_threads must be >= 1 when set, got {c.num_threads}"
+    if c.eval_max_prompts < 0:
+        yield f"eval_max_prompts must be >= 0 (0: all), got {c.eval_max_prompts}"
+    if c.save_total_limit is not None and c.save_total_limit < 1:
+        yield f"save_total_limit must be >= 1, got {c.save_total_limit}"
+    if c.resume_from_checkpoint == "latest" and not c.output_dir:
+        yield "resume_from_checkpoint latest needs output_dir (the run folder to continue)"
+    if c.eval_steps < 0 or c.eval_max_prompts_during_training < 0:
+        yield "eval_steps and eval_max_prompts_during_training must be >= 0"
+    yield from _source_problems(c)
+
+
+def optimization_problems(c):
+    """Checks of the fields every training entry point shares (HyPOConfig, `hypo sft`'s config): batch and
+    accumulation, steps or epochs, learning rate, warm-up, weight decay, clipping, LoRA shape, logging and
+    saving intervals, the hub repository."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "lora_r",
+                 "lora_alpha"):
+        if getattr(c, name) < 1:
+            yield f"{name} must be >= 1, got {getattr(c, name)}"
     if c.max_steps == 0 or c.max_steps < -1:
         yield f"max_steps must be >= 1, or -1 to use num_train_epochs, got {c.max_steps}"
     if c.max_steps == -1 and c.num_train_epochs <= 0:
@@ -308,20 +333,12 @@ def _problems(c: HyPOConfig):
         yield f"max_grad_norm must be >= 0 (0 disables clipping), got {c.max_grad_norm}"
     if c.weight_decay < 0:
         yield f"weight_decay must be >= 0, got {c.weight_decay}"
-    if c.lora_r < 1 or c.lora_alpha < 1 or not 0 <= c.lora_dropout < 1:
-        yield (f"lora_r and lora_alpha must be >= 1 and lora_dropout in [0, 1), got {c.lora_r}, {c.lora_alpha} "
-               f"and {c.lora_dropout}")
-    if c.num_threads is not None and c.num_threads < 1:
-        yield f"num_threads must be >= 1 when set, got {c.num_threads}"
-    if c.save_steps < 0 or c.eval_max_prompts < 0:
-        yield "save_steps and eval_max_prompts must be >= 0"
-    if c.save_total_limit is not None and c.save_total_limit < 1:
-        yield f"save_total_limit must be >= 1, got {c.save_total_limit}"
-    if c.resume_from_checkpoint == "latest" and not c.output_dir:
-        yield "resume_from_checkpoint latest needs output_dir (the run folder to continue)"
-    if c.eval_steps < 0 or c.eval_max_prompts_during_training < 0:
-        yield "eval_steps and eval_max_prompts_during_training must be >= 0"
-    yield from _source_problems(c)
+    if c.save_steps < 0:
+        yield f"save_steps must be >= 0 (0: only the final model), got {c.save_steps}"
+    if c.dataset_config is not None and c.dataset is None:
+        yield "dataset_config is the configuration of dataset, which is not set"
+    if c.hub_model_id is not None and not HUB_REPO_ID.match(c.hub_model_id):
+        yield f"hub_model_id must be 'name' or 'org/name' (letters, digits, '-', '_', '.'), got {c.hub_model_id!r}"
 
 
 HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -329,9 +346,8 @@ HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def _source_problems(c: HyPOConfig):
-    """Checks of the data-source, held-out-pairs and sharing section."""
-    for config_field, source_field in (("dataset_config", "dataset"), ("prompts_config", "prompts"),
-                                       ("eval_prompts_config", "eval_prompts"),
+    """Checks of the data-source and held-out-pairs section."""
+    for config_field, source_field in (("prompts_config", "prompts"), ("eval_prompts_config", "eval_prompts"),
                                        ("eval_dataset_config", "eval_dataset")):
         if getattr(c, config_field) is not None and getattr(c, source_field) is None:
             yield f"{config_field} is the configuration of {source_field}, which is not set"
@@ -339,13 +355,9 @@ def _source_problems(c: HyPOConfig):
         yield f"eval_max_pairs must be >= 0 (0: all), got {c.eval_max_pairs}"
     if c.per_device_eval_batch_size < 1:
         yield f"per_device_eval_batch_size must be >= 1, got {c.per_device_eval_batch_size}"
-    if c.hub_model_id is not None and not HUB_REPO_ID.match(c.hub_model_id):
-        yield f"hub_model_id must be 'name' or 'org/name' (letters, digits, '-', '_', '.'), got {c.hub_model_id!r}"
 
 
 def _vllm_problems(c: HyPOConfig):
-    if c.vllm_mode not in ("server", "colocate"):
-        yield f"vllm_mode must be 'server' or 'colocate', got {c.vllm_mode!r}"
     if c.vllm_server_timeout <= 0:
         yield f"vllm_server_timeout must be > 0 seconds, got {c.vllm_server_timeout}"
     if not 0 < c.vllm_gpu_memory_utilization <= 1:

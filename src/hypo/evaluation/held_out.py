@@ -1,6 +1,6 @@
 """Evaluation on held-out prompts: sequence-level reverse KL to the reference and judged win rate.
 
-Protocol (DESIGN section 3): for each held-out prompt, sample `num_samples` completions from the policy
+Protocol (docs/design.md: evaluation protocol): for each held-out prompt, sample `num_samples` completions from the policy
 and from the reference at temperature 1. The reverse KL is estimated on the policy samples
 (k1 = log pi - log pi_ref, and k3), the judge compares policy sample j with reference sample j.
 With another `temperature` or `top_p`, the judged completions (policy and baseline) use them, and the KL

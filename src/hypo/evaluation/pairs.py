@@ -11,7 +11,7 @@ from hypo.objective.losses import dpo_loss, preference_metrics
 
 PAIR_METRICS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
                 "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected")
-"""What `evaluate_pairs` returns: TRL DPOTrainer's evaluation names (DESIGN section 4)."""
+"""What `evaluate_pairs` returns: TRL DPOTrainer's evaluation names (docs/design.md: names)."""
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ def load_causal_lm(path: str, dtype: str = "float32"):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (DESIGN section 2: dropout off in policy and reference)."""
+    """Set every dropout probability to 0 (docs/design.md: the objective: dropout off in policy and reference)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

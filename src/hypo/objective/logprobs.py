@@ -1,7 +1,7 @@
 """Token and sequence log-probabilities from logits; completion masks and EOS truncation.
 
 Pure torch. Conventions: `per_token_logps` are log pi(token_t | tokens_<t) for completion tokens,
-`logps` are their sums over the completion (DESIGN section 2), `*_mask` are 0/1 tensors.
+`logps` are their sums over the completion (docs/design.md: the objective), `*_mask` are 0/1 tensors.
 """
 
 from __future__ import annotations

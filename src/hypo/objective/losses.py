@@ -1,6 +1,6 @@
 """Loss functions and KL estimates. Pure torch; every function returns per-example tensors.
 
-All inputs are sequence-level log-probabilities `logps = sum_t log pi(y_t | x, y_<t)` (DESIGN section 2).
+All inputs are sequence-level log-probabilities `logps = sum_t log pi(y_t | x, y_<t)` (docs/design.md: the objective).
 Paper: Song et al., "The Importance of Online Data: Understanding Preference Fine-tuning via Coverage",
 arXiv 2406.01462 (HyPO, Algorithm 1).
 """

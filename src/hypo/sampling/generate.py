@@ -1,6 +1,6 @@
 """Sample k completions per prompt from the current policy, cut after the first stop token and masked.
 
-The online KL estimator needs samples from pi itself (DESIGN section 2). transformers fills every generation
+The online KL estimator needs samples from pi itself (docs/design.md: the objective). transformers fills every generation
 setting that is unset (None) from the model's generation config, then from global defaults (top_k = 50), so
 a config object cannot switch off what a model asks for (min_length, bad words, suppressed or forced
 tokens, sequence bias, ...). Keyword arguments of `generate` are applied last, an explicit None included, so

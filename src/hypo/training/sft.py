@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hypo.config import DEFAULT_MODEL
+from hypo.config import DEFAULT_MODEL, check_config, optimization_problems, same_as
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -27,52 +27,45 @@ def _help(text: str, default: Any = None) -> Any:
 
 @dataclass
 class SFTRunConfig:
-    """Everything one `hypo sft` run needs. Saved as `sft_config.json` beside the model."""
+    """Everything one `hypo sft` run needs. Saved as `sft_config.json` beside the model. Options shared with
+    `hypo train` mean the same there (`same_as`: the same help and checks); the defaults differ where SFT's do."""
 
     model_name_or_path: str = _help("Base model: a hub id, a local folder, a .gguf file or the embedded model.",
                                     DEFAULT_MODEL)
     dataset: str | None = _help("SFT data: prompt/completion, messages or text rows; a file, folder or hub name.")
-    dataset_split: str = _help("Split of --dataset.", "train")
-    dataset_config: str | None = _help("Configuration (subset) of --dataset.")
+    dataset_split: str = same_as("dataset_split")
+    dataset_config: str | None = same_as("dataset_config")
     max_length: int = _help("Longest tokenized example; longer ones are truncated (TRL's max_length).", 1024)
     completion_only_loss: bool = _help("Prompt-completion data: loss on the completion tokens only.", True)
-    learning_rate: float = _help("Peak AdamW learning rate.", 1e-5)
-    per_device_train_batch_size: int = _help("Examples per micro-step per process.", 8)
-    gradient_accumulation_steps: int = _help("Micro-steps per optimizer step.", 1)
-    num_train_epochs: float = _help("Epochs over the data when max_steps is -1.", 1.0)
-    max_steps: int = _help("Optimizer steps; -1 runs num_train_epochs.", -1)
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _help(
-        "Learning-rate schedule after warmup.", "cosine")
-    warmup_ratio: float = _help("Fraction of the steps spent warming the learning rate up from 0.", 0.03)
-    weight_decay: float = _help("AdamW weight decay.", 0.0)
-    max_grad_norm: float = _help("Gradient clipping norm.", 1.0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
-        "Compute precision, float32 weights: auto is bf16 on GPUs that support it, no on CPUs.", "auto")
+    learning_rate: float = same_as("learning_rate")
+    per_device_train_batch_size: int = same_as("per_device_train_batch_size", 8)
+    gradient_accumulation_steps: int = same_as("gradient_accumulation_steps")
+    num_train_epochs: float = same_as("num_train_epochs")
+    max_steps: int = same_as("max_steps", -1)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = same_as(
+        "lr_scheduler_type", "cosine")
+    warmup_ratio: float = same_as("warmup_ratio", 0.03)
+    weight_decay: float = same_as("weight_decay")
+    max_grad_norm: float = same_as("max_grad_norm")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = same_as("mixed_precision")
     dtype: Literal["float32", "bfloat16", "auto"] = _help("Weights dtype; keep float32 (see hypo train --help).",
                                                           "float32")
-    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory (slower).", False)
+    gradient_checkpointing: bool = same_as("gradient_checkpointing")
     use_peft: bool = _help("Train LoRA adapters (merged into the saved model; the adapter is kept too).", False)
-    lora_r: int = _help("LoRA rank.", 16)
-    lora_alpha: int = _help("LoRA alpha.", 32)
-    lora_target_modules: str = _help("Comma-separated module names, or all-linear.", "all-linear")
-    seed: int = _help("Seed for data order and initialization.", 42)
+    lora_r: int = same_as("lora_r")
+    lora_alpha: int = same_as("lora_alpha")
+    lora_target_modules: str = same_as("lora_target_modules")
+    seed: int = same_as("seed")
     output_dir: str | None = _help("Run folder (model in <output_dir>/model); default runs/sft-<time>.")
-    logging_steps: int = _help("Log every N optimizer steps.", 10)
+    logging_steps: int = same_as("logging_steps", 10)
     save_steps: int = _help("Save a TRL checkpoint every N steps (0: only the final model).", 0)
     report_to: str = _help("Trackers for TRL: none, tensorboard, wandb, ...", "none")
     push_to_hub: bool = _help("Upload <output_dir>/model with its model card to the Hugging Face Hub.", False)
-    hub_model_id: str | None = _help("Repository of --push_to_hub; default: the name of output_dir's folder.")
-    hub_private_repo: bool = _help("Create the --push_to_hub repository as private.", False)
+    hub_model_id: str | None = same_as("hub_model_id")
+    hub_private_repo: bool = same_as("hub_private_repo")
 
     def __post_init__(self) -> None:
-        from hypo.config import field_type_problems, plain_numbers
-
-        problems = field_type_problems(self)
-        if not problems:
-            problems = list(_problems(self))
-        if problems:
-            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
-        plain_numbers(self)
+        check_config(self, _problems)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,20 +74,9 @@ class SFTRunConfig:
 def _problems(c: SFTRunConfig):
     if not c.dataset:
         yield "dataset is required (prompt/completion, messages or text rows)"
-    if c.dataset_config is not None and not c.dataset:
-        yield "dataset_config is the configuration of dataset, which is not set"
-    for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "lora_r", "lora_alpha"):
-        if getattr(c, name) < 1:
-            yield f"{name} must be >= 1, got {getattr(c, name)}"
-    if c.max_steps == 0 or c.max_steps < -1:
-        yield f"max_steps must be >= 1, or -1 to use num_train_epochs, got {c.max_steps}"
-    if c.max_steps == -1 and c.num_train_epochs <= 0:
-        yield "num_train_epochs must be > 0 when max_steps is -1"
-    if c.learning_rate <= 0 or c.weight_decay < 0 or c.max_grad_norm < 0 or c.save_steps < 0:
-        yield "learning_rate must be > 0; weight_decay, max_grad_norm and save_steps >= 0"
-    if not 0 <= c.warmup_ratio < 1:
-        yield f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}"
+    if c.max_length < 1:
+        yield f"max_length must be >= 1, got {c.max_length}"
+    yield from optimization_problems(c)
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -155,26 +137,17 @@ def load_sft_rows(source: str, *, split: str = "train", config_name: str | None 
 
 
 def trl_sft_args(config: SFTRunConfig, output_dir: Path) -> dict[str, Any]:
-    """SFTConfig keyword arguments: TRL's names carry over; precision and the CPU settings as in `hypo train`
-    (TRL's bf16 default and activation checkpointing are slow on CPUs)."""
-    import torch
+    """SFTConfig keyword arguments: `hypo.training.trl_args.trl_training_args` (precision, warm-up and the CPU
+    settings as in `hypo train`) plus SFT's own (length, completion-only loss, logging, saving, trackers)."""
+    from hypo.training.trl_args import trl_training_args
 
-    from hypo.runtime.precision import resolve_mixed_precision
-
-    precision = resolve_mixed_precision(config.mixed_precision)
-    cuda = torch.cuda.is_available()
     return {
-        "output_dir": str(output_dir), "max_length": config.max_length,
-        "completion_only_loss": config.completion_only_loss, "learning_rate": config.learning_rate,
+        **trl_training_args(config), "output_dir": str(output_dir), "max_length": config.max_length,
+        "completion_only_loss": config.completion_only_loss,
         "per_device_train_batch_size": config.per_device_train_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "num_train_epochs": config.num_train_epochs, "max_steps": config.max_steps,
-        "lr_scheduler_type": config.lr_scheduler_type, "warmup_steps": config.warmup_ratio,  # < 1: a ratio
-        "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm, "seed": config.seed,
-        "bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda,
-        "activation_checkpointing": config.gradient_checkpointing, "logging_steps": config.logging_steps,
+        "num_train_epochs": config.num_train_epochs, "logging_steps": config.logging_steps,
         "save_strategy": "steps" if config.save_steps else "no", "save_steps": config.save_steps or 500,
-        "report_to": config.report_to, "dataloader_num_workers": 0,
+        "report_to": config.report_to,
     }
 
 

@@ -11,11 +11,15 @@ from typing import Any
 from hypo.config import HyPOConfig
 
 
-def trl_training_args(config: HyPOConfig, *, max_steps: int | None = None) -> dict[str, Any]:
-    """TrainingArguments fields shared by every TRL trainer: hypo's optimizer, schedule, clipping, seed and
-    compute precision (on a GPU, Trainer's bf16/fp16 autocast as `mixed_precision` resolves; on a CPU fp32,
-    where TRL's default bf16 is slower), activation checkpointing only when asked, no trackers, no
-    checkpoints."""
+def trl_training_args(config, *, max_steps: int | None = None) -> dict[str, Any]:
+    """TrainingArguments fields shared by every TRL trainer, from a `HyPOConfig` (or `hypo sft`'s config):
+    hypo's optimizer, schedule, clipping, seed and compute precision (on a GPU, Trainer's bf16/fp16 autocast as
+    `mixed_precision` resolves; on a CPU fp32, where TRL's default bf16 is slower), activation checkpointing only
+    when asked, no trackers, no checkpoints.
+
+    Warm-up: `round(warmup_ratio * max_steps)` steps, as hypo's loop counts them, when the steps are known; with
+    `max_steps` -1 (epochs) the ratio itself, which Trainer rounds up against the steps it counts.
+    """
     import torch
 
     from hypo.runtime.precision import resolve_mixed_precision
@@ -24,10 +28,10 @@ def trl_training_args(config: HyPOConfig, *, max_steps: int | None = None) -> di
     precision = resolve_mixed_precision(config.mixed_precision)
     args = {
         "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
-        "warmup_steps": round(config.warmup_ratio * steps), "weight_decay": config.weight_decay,
-        "max_grad_norm": config.max_grad_norm, "seed": config.seed, "max_steps": steps, "logging_steps": 1,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps, "report_to": "none",
-        "save_strategy": "no", "activation_checkpointing": config.gradient_checkpointing,
+        "warmup_steps": round(config.warmup_ratio * steps) if steps > 0 else config.warmup_ratio,
+        "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm, "seed": config.seed,
+        "max_steps": steps, "logging_steps": 1, "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "report_to": "none", "save_strategy": "no", "activation_checkpointing": config.gradient_checkpointing,
         "dataloader_num_workers": 0,
     }
     args.update(bf16=precision == "bf16", fp16=precision == "fp16")

@@ -183,13 +183,3 @@ def sampled_kl_objective(theta: torch.Tensor, bandit: Bandit, *, num_generations
     ref = bandit.ref_logps.reshape(-1, num_responses).gather(1, samples).flatten()
     surrogate = kl_surrogate(policy, ref, num_generations=num_generations)
     return surrogate.view(num_instances, -1).mean(-1)
-
-
-def rlhf_objective(theta: torch.Tensor, bandit: Bandit, reward_hat: torch.Tensor, *, beta: float) -> torch.Tensor:
-    """-(E_x E_{y ~ pi} r_hat(x, y) - beta * KL(pi || pi_ref)(x)), exact (KL-regularized RLHF).
-    Its maximizer is pi_ref exp(r_hat / beta) / Z (in the class when r_hat = w . phi: theta = w / beta).
-
-    Shape: theta (I, d), reward_hat (I, X, Y) -> (I,)
-    """
-    logps = policy_logps(theta, bandit)
-    return -(expected_reward(logps, reward_hat) - beta * reverse_kl(logps, bandit.ref_logps)).mean(-1)

@@ -148,8 +148,3 @@ def make_bandit_worlds(regime: str, num_instances: int, generator: torch.Generat
         covered = partial_cover(reward, sizes.num_covered, generator)
     worlds = reward_worlds(reward, score, covered, as_built_world(regime))
     return Bandit(features, ref_logps, worlds[as_built_world(regime)], covered), worlds
-
-
-def make_bandit(regime: str, num_instances: int, generator: torch.Generator, sizes: Sizes = Sizes()) -> Bandit:
-    """Random instances of a regime (see the module docstring). Shape: -> Bandit of I instances"""
-    return make_bandit_worlds(regime, num_instances, generator, sizes)[0]

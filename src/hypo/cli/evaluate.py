@@ -1,128 +1,17 @@
-"""Command line: `hypo train`, `hypo eval`, `hypo report`, `hypo sft` and `hypo export`.
-
-`hypo train` with no arguments fine-tunes the embedded SmolLM2-135M-Instruct with HyPO on the bundled
-task. `hypo train --config run.yaml --beta 0.2` reads the file, then applies the flags on top.
-"""
+"""`hypo eval`, `hypo report` and `hypo export`: measuring, comparing and exporting trained models."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
-from hypo.config import HyPOConfig, read_config_file
-
-USAGE = """hypo: Hybrid Preference Optimization (arXiv 2406.01462) for Hugging Face causal LMs
-
-commands:
-  hypo train [--config FILE] [--option value ...]   fine-tune with HyPO (default) or DPO
-  hypo eval --model DIR [--reference DIR] [...]     reverse KL and judged win rate on held-out prompts
-  hypo sft [--config FILE] [--option value ...]     supervised fine-tuning (TRL's SFTTrainer), for recipes
-  hypo export --model DIR --format F --questions Q  answers for AlpacaEval 2 (alpaca_eval) or MT-Bench (mt_bench)
-  hypo report RUN_DIR [RUN_DIR ...] [--output_dir D] compare runs: a markdown table and plots
-  hypo lab bandit [--quick] [--seed N] [...]         coverage lab: exact bandit DPO / HyPO / RLHF study
-  hypo lab lm [--seeds 42,43,44] [...]               coverage lab: DPO / HyPO / RLHF on the language model
-  hypo lab rlhf --output_dir D [...]                 coverage lab: one reward-model + RLOO baseline run
-  hypo bench [--no_trl] [--output FILE]              seconds per step and peak memory, ours vs TRL
-
-`hypo <command> --help` lists every option. Options are spelled with underscores (--max_steps), as in
-TRL and transformers; the hyphenated spelling (--max-steps) is accepted too.
-"""
-
-
-def normalize_flags(argv: list[str]) -> list[str]:
-    """`--some-option[=v]` -> `--some_option[=v]`: every command takes both spellings and documents one."""
-    out = []
-    for i, arg in enumerate(argv):
-        if arg == "--":
-            return out + argv[i:]
-        if arg.startswith("--"):
-            name, sep, value = arg.partition("=")
-            arg = "--" + name[2:].replace("-", "_") + sep + value
-        out.append(arg)
-    return out
+from hypo.config import HyPOConfig
 
 
 def _default(name: str):
     """The default of a HyPOConfig field: `hypo eval` shares the training run's evaluation settings."""
     return HyPOConfig.__dataclass_fields__[name].default
-
-
-def config_parser(config_class, prog: str, description: str):
-    """The flags of a typed config dataclass, plus `--config` (a YAML or JSON file of the same options)."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(config_class, prog=prog, description=description)
-    parser.add_argument("--config", default=None, help="YAML or JSON file of options (the same names as the flags).")
-    return parser
-
-
-def train_parser():
-    return config_parser(HyPOConfig, "hypo train", "Fine-tune a causal LM with HyPO or DPO. Options may also come "
-                         "from --config (YAML or JSON); flags given here override the file.")
-
-
-def _pre_parse(argv: list[str], *names: str) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
-    for name in names:
-        pre.add_argument(name)
-    return pre.parse_known_args(argv)[0]
-
-
-def parse_config_args(parser, config_class, argv: list[str], base_files: tuple[Path, ...] = ()):
-    """`config_class` from, in order of precedence: the flags, `--config`, then `base_files`; unknown
-    options are an error."""
-    config_file = _pre_parse(argv, "--config").config
-    for path in (*base_files, *([config_file] if config_file else [])):
-        parser.set_defaults(**read_config_file(path, config_class))
-    return config_class(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
-
-
-def parse_train_args(argv: list[str]) -> HyPOConfig:
-    """Options of the run being resumed (its config.json) first, then `--config`, then the flags."""
-    pre = _pre_parse(argv, "--resume_from_checkpoint", "--output_dir")
-    base: tuple[Path, ...] = ()
-    if pre.resume_from_checkpoint:
-        run_dir = Path(pre.output_dir) if pre.output_dir else Path(pre.resume_from_checkpoint).parent
-        base = (run_dir / "config.json",) if (run_dir / "config.json").is_file() else ()
-    return parse_config_args(train_parser(), HyPOConfig, argv, base)
-
-
-def run_train(argv: list[str]) -> int:
-    from hypo.evaluation.held_out import format_summary
-    from hypo.training.stopping import NonFiniteError, TrainingInterrupted
-    from hypo.training.trainer import train
-
-    config = parse_train_args(argv)
-    try:
-        result = train(config)
-    except TrainingInterrupted as stop:
-        print(f"\nhypo train: {stop}\n  resume with: hypo train --resume_from_checkpoint {stop.checkpoint}",
-              file=sys.stderr)
-        return stop.exit_code
-    except NonFiniteError as error:
-        print(f"hypo train: error: {error}", file=sys.stderr)
-        return 1
-    if not result.is_main_process:
-        return 0
-    m, settings = result.final_metrics, (result.eval or {}).get("settings")
-    print(f"\nhypo train (method {config.method}): {result.steps} steps in {result.seconds / 60:.1f} min "
-          f"({result.seconds / result.steps:.2f} s/step)")
-    print(f"  model:    {result.model_dir}")
-    print(f"  metrics:  {result.output_dir / 'metrics.jsonl'}")
-    if m:
-        print(f"  last step: loss {m['loss']:.4f}, reward margin {m['rewards/margins']:.3f}, "
-              f"accuracy {m['rewards/accuracies']:.2f}"
-              + (f", objective/kl {m['objective/kl']:.3f}" if "objective/kl" in m else ""))
-    if result.hub_url:
-        print(f"  hub:      {result.hub_url}")
-    if result.eval:
-        print(f"  results:  {result.output_dir / 'eval_results.json'}")
-        for line in format_summary(result.eval["metrics"], settings):
-            print("  " + line)
-    return 0
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -154,7 +43,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge_max_retries", type=int, default=4,
                    help="--judge llm: retries of a failed request, with exponential backoff from 1 s.")
     p.add_argument("--judge_template", default=None, choices=["default", "tldr"],
-                   help="--judge llm: the prompt (src/hypo/llm_judge.py): default, a general comparison; tldr, the "
+                   help="--judge llm: the prompt (src/hypo/evaluation/llm_judge.py): default, a general comparison; tldr, the "
                         "paper's TL;DR win rate (which summary of the post is better, as in the DPO paper), with "
                         "--baseline_dataset trl-lib/tldr --baseline_split test --baseline_field completion.")
     p.add_argument("--task", default=_default("task"), help="Bundled task that supplies default prompts and judge.")
@@ -278,29 +167,12 @@ def run_report(argv: list[str]) -> int:
     return 0
 
 
-def sft_parser():
-    from hypo.training.sft import SFTRunConfig
-
-    return config_parser(SFTRunConfig, "hypo sft", "Supervised fine-tuning with TRL's SFTTrainer (the SFT step of "
-                         "the recipes). Options may also come from --config (YAML or JSON).")
-
-
-def run_sft(argv: list[str]) -> int:
-    from hypo.training.sft import SFTRunConfig, sft
-
-    config = parse_config_args(sft_parser(), SFTRunConfig, argv)
-    result = sft(config)
-    loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
-    print(f"\nhypo sft: {result.steps} steps in {result.seconds / 60:.1f} min{loss}\n  model: {result.model_dir}")
-    return 0
-
-
 def export_parser() -> argparse.ArgumentParser:
     from hypo.evaluation.export import FORMATS
 
     p = argparse.ArgumentParser(prog="hypo export", description="Generate a model's answers in the format of a "
                                 "standard evaluator: alpaca_eval (AlpacaEval 2's model_outputs JSON) or mt_bench "
-                                "(FastChat's model_answer JSONL, both turns). See src/hypo/export.py.")
+                                "(FastChat's model_answer JSONL, both turns). See src/hypo/evaluation/export.py.")
     p.add_argument("--model", required=True, help="Model: local folder, hub id or .gguf file.")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--questions", required=True,
@@ -357,63 +229,3 @@ def run_export(argv: list[str]) -> int:
     return 0
 
 
-MALLOC_SETTINGS = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "68719476736",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
-"""glibc malloc settings that keep large tensor buffers in the heap instead of mapping and faulting them
-in anew on every allocation: CPU training and generation ran several times faster with them."""
-
-
-def run_bench(argv: list[str]) -> int:
-    from hypo.bench.runner import run_bench as _run_bench
-
-    return _run_bench(argv)
-
-
-def run_lab(argv: list[str]) -> int:
-    from hypo.lab.cli import run_lab as _run_lab
-
-    return _run_lab(argv)
-
-
-def reexec_with_tuned_malloc() -> None:
-    """glibc reads its malloc settings only at process start, so the command line re-executes itself once
-    with them (Linux/glibc; skipped when the user set any MALLOC_* variable or HYPO_NO_MALLOC_TUNING=1)."""
-    import platform
-
-    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or os.environ.get("HYPO_NO_MALLOC_TUNING")
-            or any(key in os.environ for key in MALLOC_SETTINGS)):
-        return
-    env = {**os.environ, **MALLOC_SETTINGS}
-    os.execve(sys.executable, [sys.executable, "-m", "hypo.cli", *sys.argv[1:]], env)
-
-
-def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the real command line, not a call from Python
-        reexec_with_tuned_malloc()
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], normalize_flags(argv[1:])
-    commands = {"train": run_train, "eval": run_eval, "report": run_report, "lab": run_lab, "bench": run_bench,
-                "sft": run_sft, "export": run_export}
-    if command not in commands:
-        print(f"hypo: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    try:
-        return commands[command](rest)
-    except (ValueError, FileNotFoundError) as error:  # bad input: a clear message, no traceback
-        if os.environ.get("HYPO_DEBUG"):
-            raise
-        print(f"hypo {command}: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
