@@ -40,6 +40,8 @@ def test_the_defaults_are_valid_and_warn_about_nothing():
                                                                              "applies to discopop, exo_pair"),
     ({"f_divergence_type": "hellinger"}, "f_divergence_type must be one of 'reverse_kl'"),
     ({"loss_type": "discopop", "discopop_tau": 0}, "discopop_tau must be > 0"),
+    ({"ld_alpha": 1.5}, "ld_alpha must be in [0, 1], got 1.5"),
+    ({"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5}, "ld_alpha with loss_type sft is not offered"),
     ({"max_steps": 0}, "max_steps must be >= 1"),
 ])
 def test_invalid_values_are_reported(overrides, message):

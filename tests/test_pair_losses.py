@@ -157,3 +157,11 @@ def test_every_configured_loss_type_is_computed_and_differentiable(loss_type):
     assert losses.shape == (3,) and torch.isfinite(losses).all()
     losses.mean().backward()
     assert policy_chosen.grad.abs().sum() > 0
+
+
+def test_ld_token_weights():
+    """chosen mask [1, 1, 1, 0], rejected [1, 1, 0] (lengths 3 and 2), alpha 0.5 -> chosen [1, 1, 0.5, 0],
+    rejected [1, 1, 0]; second pair lengths 1 and 3 -> chosen [1, 0, 0, 0], rejected [1, 0.5, 0.5]."""
+    chosen, rejected = pl.ld_token_weights(T([[1, 1, 1, 0], [1, 0, 0, 0]]), T([[1, 1, 0], [1, 1, 1]]), alpha=0.5)
+    assert chosen.tolist() == [[1.0, 1.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    assert rejected.tolist() == [[1.0, 1.0, 0.0], [1.0, 0.5, 0.5]]

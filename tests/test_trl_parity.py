@@ -23,7 +23,7 @@ LENGTHS = [(4, 5, 5), (6, 7, 7), (3, 4, 6), (5, 9, 3), (4, 6, 6)]
 lengths within most pairs, so that the margins' order comes from the models and differs between policy and
 reference (`test_the_batch_exercises_sorting`): aot's sorting is then tested too."""
 
-SLOW = pytest.mark.slow  # about 2 CPU-seconds a case: the fast suite keeps one case per loss type and two mixes
+SLOW = pytest.mark.slow  # about 2 CPU-seconds a case: the fast suite keeps one case per loss type and a few mixes
 CASES = [  # (loss_type, options): each TRL loss type alone, the combinations TRL documents, and f-divergences
     *[(name, {}) for name in ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
                               "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")],
@@ -31,6 +31,7 @@ CASES = [  # (loss_type, options): each TRL loss type alone, the combinations TR
     ("robust", {"label_smoothing": 0.1}),
     (["sigmoid", "bco_pair", "sft"], {"loss_weights": [0.8, 0.2, 1.0]}),  # MPO, TRL's example weights
     (["robust", "sft"], {"f_divergence_type": "js_divergence", "label_smoothing": 0.1}),
+    (["sigmoid", "ipo"], {"ld_alpha": 0.3}),  # LD-DPO: ld-weighted log-probs, ipo still divides by full lengths
     pytest.param("aot", {"label_smoothing": 0.2}, marks=SLOW),
     pytest.param("aot_unpaired", {"label_smoothing": 0.2}, marks=SLOW),
     pytest.param("discopop", {"discopop_tau": 0.5}, marks=SLOW),
@@ -39,6 +40,7 @@ CASES = [  # (loss_type, options): each TRL loss type alone, the combinations TR
     pytest.param("sigmoid", {"f_divergence_type": "forward_kl"}, marks=SLOW),
     pytest.param("ipo", {"f_divergence_type": "js_divergence"}, marks=SLOW),
     pytest.param("hinge", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}, marks=SLOW),
+    pytest.param("aot", {"ld_alpha": 0.0}, marks=SLOW),
 ]
 
 

@@ -63,6 +63,10 @@ class HyPOConfig:
         "always the reverse KL.", "reverse_kl")
     f_alpha_divergence_coef: float = _help("alpha of f_divergence_type alpha_divergence.", 0.5)
     discopop_tau: float = _help("Temperature tau of loss_type discopop (the DiscoPOP paper's default 0.05).", 0.05)
+    ld_alpha: float | None = _help(
+        "LD-DPO (TRL's ld_alpha), in [0, 1]: in each pair, the tokens of the longer completion beyond the shorter "
+        "one's length count ld_alpha times in the log-probs of policy and reference. Default: off (every token "
+        "counts once).")
     kl_coef: float = _help(
         "HyPO's lambda: weight of the online reverse-KL term KL(pi || pi_ref) (arXiv 2406.01462).", 0.05)
     num_generations: int = _help(
@@ -364,6 +368,11 @@ def _loss_problems(c: HyPOConfig):
                f"(the others have no f-divergence form); loss_type is {', '.join(types)}")
     if c.discopop_tau <= 0:
         yield f"discopop_tau must be > 0, got {c.discopop_tau}"
+    if c.ld_alpha is not None and not 0 <= c.ld_alpha <= 1:
+        yield f"ld_alpha must be in [0, 1], got {c.ld_alpha}"
+    if c.ld_alpha is not None and "sft" in types:
+        yield ("ld_alpha with loss_type sft is not offered: sft's NLL counts every chosen token, and with ld_alpha the "
+               "step scores the weighted log-probs only")
 
 
 def optimization_problems(c):

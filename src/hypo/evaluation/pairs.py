@@ -8,10 +8,22 @@ import torch
 from hypo.data.batches import PairCollator
 from hypo.objective.logprobs import pair_logps
 from hypo.objective.losses import dpo_loss, preference_metrics
+from hypo.objective.pair_losses import ld_token_weights
 
 PAIR_METRICS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
                 "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected")
 """What `evaluate_pairs` returns: TRL DPOTrainer's evaluation names (docs/design.md: names)."""
+
+
+def pair_token_weights(config, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The weight of each completion token in the pair log-probs under a `HyPOConfig`: LD-DPO's with ld_alpha,
+    else None (every token once).
+
+    Shape: batch of B pairs -> chosen (B, C), rejected (B, R), or None
+    """
+    if config.ld_alpha is None:
+        return None
+    return ld_token_weights(batch["chosen_attention_mask"], batch["rejected_attention_mask"], alpha=config.ld_alpha)
 
 
 def configured_dpo_loss(config, batch: dict[str, torch.Tensor], policy_chosen: torch.Tensor,
@@ -48,11 +60,11 @@ def pair_metric_sums(ctx, pairs: list[dict], *, batch_size: int) -> torch.Tensor
     try:
         for start in range(0, len(pairs), batch_size):
             batch = {k: v.to(device) for k, v in collate(pairs[start : start + batch_size]).items()}
+            scoring = {"pad_token_id": ctx.pad_token_id, "share_prompt": ctx.share_prompt,
+                       "token_weights": pair_token_weights(config, batch)}
             with ctx.reference.active() as ref_model:
-                ref_chosen, ref_rejected = pair_logps(ref_model, batch, pad_token_id=ctx.pad_token_id,
-                                                      share_prompt=ctx.share_prompt)  # (B,), (B,)
-            chosen, rejected = pair_logps(ctx.policy, batch, pad_token_id=ctx.pad_token_id,
-                                          share_prompt=ctx.share_prompt)  # (B,), (B,)
+                ref_chosen, ref_rejected = pair_logps(ref_model, batch, **scoring)  # (B,), (B,)
+            chosen, rejected = pair_logps(ctx.policy, batch, **scoring)  # (B,), (B,)
             losses, chosen_rewards, rejected_rewards = configured_dpo_loss(config, batch, chosen, rejected,
                                                                            ref_chosen, ref_rejected)
             per_pair = preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards)

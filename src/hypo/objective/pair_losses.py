@@ -243,3 +243,23 @@ def sigmoid_norm_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
     """
     delta = per_token(chosen_scores, chosen_lengths) - per_token(rejected_scores, rejected_lengths)
     return -F.logsigmoid(beta * delta)
+
+
+def ld_token_weights(chosen_mask: torch.Tensor, rejected_mask: torch.Tensor, *,
+                     alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in DPO", arXiv 2409.06411): in each pair, the tokens of a
+    completion beyond the length of the shorter one count alpha times in its sequence log-prob (for policy and
+    reference alike); the first min(|y+|, |y-|) tokens count fully. alpha = 1 is DPO, alpha = 0 drops the excess.
+
+    Example: chosen mask [1, 1, 1, 0], rejected [1, 1, 0] (lengths 3 and 2), alpha 0.5 -> chosen weights
+    [1, 1, 0.5, 0], rejected [1, 1, 0].
+
+    Shape: masks (B, C), (B, R) -> weights (B, C), (B, R), float32
+    """
+    shared = torch.minimum(chosen_mask.sum(dim=-1), rejected_mask.sum(dim=-1)).unsqueeze(-1)  # (B, 1)
+
+    def weights(mask: torch.Tensor) -> torch.Tensor:
+        position = mask.cumsum(dim=-1)  # (B, T): 1, 2, ... along the completion tokens
+        return mask.float() * torch.where(position <= shared, 1.0, alpha)
+
+    return weights(chosen_mask), weights(rejected_mask)

@@ -34,7 +34,7 @@ METHODS = {
     "sft": "supervised fine-tuning (TRL's SFTTrainer) on prompt-completion data",
 }
 TRAINING_HYPERPARAMETERS = (
-    "method", "beta", "loss_type", "label_smoothing", "kl_coef", "num_generations", "per_device_prompt_batch_size",
+    "method", "beta", "loss_type", "loss_weights", "label_smoothing", "kl_coef", "num_generations", "per_device_prompt_batch_size",
     "max_completion_length", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm",
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "max_length",
     "max_prompt_length", "mixed_precision", "dtype", "use_peft", "lora_r", "lora_alpha", "seed")
