@@ -21,10 +21,10 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 
 
 def f_divergence_scores(logratios: torch.Tensor, *, divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
-    """f'(pi / pi_ref) of the f-DPO paper (Wang et al. 2023, "Beyond Reverse KL", arXiv 2309.16240, Table 1), from
-    u = log(pi / pi_ref): reverse_kl u (DPO); forward_kl 1 - exp(-u); js_divergence log 2 + log sigmoid(u);
-    alpha_divergence (exp((alpha - 1) u) - 1) / (alpha - 1), with (alpha - 1) u clamped at 80 (TRL's guard
-    against overflow); alpha = 1 is the reverse KL.
+    """f'(pi / pi_ref) for the divergences of f-DPO (Wang et al. 2023, "Beyond Reverse KL", arXiv 2309.16240), in
+    TRL 1.16's parameterization, from u = log(pi / pi_ref): reverse_kl u (DPO); forward_kl 1 - exp(-u);
+    js_divergence log(2 t / (1 + t)) = log 2 + log sigmoid(u); alpha_divergence (exp((alpha - 1) u) - 1) / (alpha - 1),
+    with (alpha - 1) u clamped at 80 (TRL's guard against overflow); alpha = 1 is the reverse KL.
 
     Example: u = ln 2 -> reverse_kl 0.6931, forward_kl 1 - 1/2 = 0.5, js_divergence ln 2 + ln(2/3) = ln(4/3) =
     0.2877, alpha_divergence (alpha 0.5): (2^-0.5 - 1) / -0.5 = 0.5858.
