@@ -40,7 +40,8 @@ def dpo_loss(
     With log-ratios chosen = policy_chosen - ref_chosen, rejected = policy_rejected - ref_rejected, sigmoid (DPO,
     Rafailov et al. 2023 eq. 7) is -log sigmoid(beta * (chosen - rejected)); label_smoothing makes it conservative
     DPO. `chosen_lengths` / `rejected_lengths` (completion tokens) are needed by ipo, sigmoid_norm and sft. The
-    f-divergence (f-DPO) maps the log-ratios of the loss types in `pair_losses.F_DIVERGENCE_LOSSES`.
+    f-divergence (f-DPO) maps the log-ratios of the loss types built on their difference; the others read the
+    log-ratios themselves (`hypo.config` refuses such a combination, as TRL does).
     Implicit rewards: beta * log-ratio, detached. The mean over pairs of the returned losses is TRL's loss.
 
     Example: loss_type ["sigmoid", "sft"], weights [1, 0.5], one pair with log-ratios 1 and -1 (beta 0.5), chosen
