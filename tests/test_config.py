@@ -29,7 +29,19 @@ def test_the_defaults_are_valid_and_warn_about_nothing():
     ({"cache_implementation": "paged"}, "cache_implementation must be one of 'auto', 'dynamic', 'static'"),
     ({"max_prompt_length": 300, "max_length": 256}, "max_prompt_length (300) must be < max_length (256)"),
     ({"num_generations": 0}, "num_generations must be >= 1"),
-    ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing applies to the sigmoid loss only"),
+    ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing applies to aot, aot_unpaired, exo_pair, robust, "
+                                                   "sigmoid; loss_type is ipo"),
+    ({"loss_type": ["sigmoid", "dpo"]}, "loss_type must be one of 'sigmoid', 'hinge', 'ipo'"),
+    ({"loss_type": []}, "loss_type must be one of"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights has 1 weight(s) for 2 loss type(s)"),
+    ({"loss_type": "exo_pair"}, "loss_type exo_pair needs label_smoothing > 0"),
+    ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing must be in [0, 0.5), got 0.5"),
+    ({"loss_type": ["sigmoid", "aot"], "f_divergence_type": "js_divergence"}, "f_divergence_type js_divergence "
+                                                                             "applies to discopop, exo_pair"),
+    ({"f_divergence_type": "hellinger"}, "f_divergence_type must be one of 'reverse_kl'"),
+    ({"loss_type": "discopop", "discopop_tau": 0}, "discopop_tau must be > 0"),
+    ({"ld_alpha": 1.5}, "ld_alpha must be in [0, 1], got 1.5"),
+    ({"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5}, "ld_alpha with loss_type sft is not offered"),
     ({"max_steps": 0}, "max_steps must be >= 1"),
 ])
 def test_invalid_values_are_reported(overrides, message):
@@ -77,6 +89,25 @@ def test_an_option_of_an_earlier_version_names_its_new_name(tmp_path):
         read_config_file(old)
 
 
+def test_loss_types_and_weights_from_python_flags_and_files(tmp_path):
+    """TRL's spellings: one name or a list; on the command line several values after one flag (TRL's nargs)."""
+    assert HyPOConfig(loss_type="ipo").loss_types == ["ipo"]
+    config = HyPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
+    assert (config.loss_types, config.loss_weights) == (["sigmoid", "sft"], [1.0, 0.2])
+    config = parse_train_args(["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.2"])
+    assert (config.loss_types, config.loss_weights) == (["sigmoid", "sft"], [1.0, 0.2])
+    assert parse_train_args(["--loss_type", "ipo"]).loss_types == ["ipo"]
+    path = tmp_path / "run.yaml"
+    path.write_text("loss_type: [robust, sft]\nloss_weights: [1, 0.5]\nlabel_smoothing: 0.1\n")
+    config = parse_train_args(["--config", str(path)])
+    assert (config.loss_types, config.loss_weights, config.label_smoothing) == (["robust", "sft"], [1, 0.5], 0.1)
+    path.write_text("loss_type: [robust, 3]\n")
+    with pytest.raises(ValueError, match="option 'loss_type': loss_type must be a string or a list"):
+        parse_train_args(["--config", str(path)])
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        parse_train_args(["--loss_type", "sigmoid", "simpo"])
+
+
 def test_saved_config_round_trips(tmp_path):
     config = HyPOConfig(method="dpo", beta=0.3, output_dir=str(tmp_path))
     path = save_config(config, tmp_path)
@@ -93,7 +124,8 @@ WRONG_TYPES = [
     ("model_name_or_path", 3), ("model_name_or_path", None), ("report_to", ["wandb"]), ("report_to", False),
     ("dataset", 5), ("dataset", ["a.jsonl"]), ("gguf_file", 1.0),
     ("num_threads", 1.5), ("num_threads", "2"), ("num_threads", True),
-    ("method", "HYPO"), ("method", 1), ("method", None), ("loss_type", ["sigmoid"]), ("dtype", "float64"),
+    ("method", "HYPO"), ("method", 1), ("method", None), ("loss_type", 3), ("loss_type", ["sigmoid", 1]),
+    ("loss_type", ("sigmoid", "sft")), ("loss_weights", 0.5), ("loss_weights", [1.0, "0.2"]), ("dtype", "float64"),
     ("lr_scheduler_type", True),
 ]
 

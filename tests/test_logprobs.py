@@ -6,7 +6,9 @@ import torch
 from conftest import build_model
 from hypo.objective.logprobs import (
     completion_logps,
+    completion_per_token_logps,
     mask_after_eos,
+    pair_logps,
     position_ids_from_mask,
     selective_log_softmax,
     sequence_logps,
@@ -100,3 +102,28 @@ def test_shared_prompt_logps_equal_repeated_prompts_values_and_gradients(tiny_to
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(shared_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_pair_logps_with_token_weights_are_the_weighted_sums(tiny_tokenizer, share_prompt):
+    """With token_weights each pair's log-prob is sum_t w_t * log pi(token_t), on both scoring paths: weights
+    [1, 0.5, 0.25, ...] against the per-token log-probs of a plain forward."""
+    from hypo.data.batches import PairCollator
+
+    model, gen = build_model(tiny_tokenizer, seed=0), torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(5, 300, (n,), generator=gen).tolist()
+
+    items = [{"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r), "index": i}
+             for i, (p, c, r) in enumerate([(3, 4, 2), (5, 2, 5)])]
+    batch = PairCollator(tiny_tokenizer.pad_token_id)(items)
+    weights = tuple(batch[f"{side}_attention_mask"] * 0.5 ** torch.arange(batch[f"{side}_input_ids"].shape[1])
+                    for side in ("chosen", "rejected"))
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, batch, pad_token_id=tiny_tokenizer.pad_token_id,
+                                      share_prompt=share_prompt, token_weights=weights)
+        for side, got, weight in (("chosen", chosen, weights[0]), ("rejected", rejected, weights[1])):
+            per_token = completion_per_token_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                                   batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"])
+            torch.testing.assert_close(got, (per_token * weight).sum(dim=-1), rtol=1e-5, atol=1e-5)

@@ -30,14 +30,17 @@ def test_dpo_label_smoothing_values():
     assert losses.item() == pytest.approx(0.413262, abs=1e-6)
 
 
-def test_dpo_ipo_values():
-    """u = 2, beta = 0.5 -> (2 - 1 / (2 * 0.5))^2 = (2 - 1)^2 = 1; u = 0 -> (0 - 1)^2 = 1; u = 1 -> 0."""
+def test_dpo_ipo_values_are_on_per_token_averages():
+    """TRL's IPO: log-ratios divided by completion lengths. Pair 1: u+ = -1 - -2 = 1 over 2 tokens, u- = -3 - -2 = -1
+    over 1 token -> 0.5 - (-1) = 1.5; beta 0.5 -> (1.5 - 1)^2 = 0.25. Pair 2: u+ = 0, u- = -1 over 4 tokens -> 0.25
+    -> (0.25 - 1)^2 = 0.5625. On sequence sums (the form before) pair 1 would give (2 - 1)^2 = 1."""
     losses, _, _ = dpo_loss(
-        torch.tensor([-1.0, -2.0, -1.0]), torch.tensor([-3.0, -2.0, -2.0]),
-        torch.tensor([-2.0, -2.0, -1.0]), torch.tensor([-2.0, -2.0, -1.0]),
-        beta=0.5, loss_type="ipo",
+        torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -3.0]), torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0]),
+        beta=0.5, loss_type="ipo", chosen_lengths=torch.tensor([2, 3]), rejected_lengths=torch.tensor([1, 4]),
     )
-    assert losses.tolist() == pytest.approx([1.0, 1.0, 0.0])
+    assert losses.tolist() == pytest.approx([0.25, 0.5625])
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.5, loss_type="ipo")
 
 
 def test_dpo_per_example_and_gradient_sign():
@@ -53,7 +56,10 @@ def test_dpo_per_example_and_gradient_sign():
 
 def test_dpo_unknown_loss_type():
     with pytest.raises(ValueError, match="loss_type"):
-        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1, loss_type="hinge")
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1, loss_type="hinge2")
+    with pytest.raises(ValueError, match="loss_weights has 1 weight"):
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1,
+                 loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
 
 
 def test_leave_one_out_advantages_values():

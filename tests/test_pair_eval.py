@@ -79,6 +79,26 @@ def test_metrics_equal_the_formulas_on_each_pair(tiny_tokenizer, items, batch_si
     assert policy.training
 
 
+def test_eval_loss_is_the_configured_offline_loss(tiny_tokenizer, items):
+    """With loss_type ipo, eval_loss is TRL's IPO on each pair's log-ratios per completion token:
+    mean over pairs of ((c+ / |y+| - c- / |y-|) - 1 / (2 beta))^2, from log-probs computed one pair at a time."""
+    policy, reference = build_model(tiny_tokenizer, seed=2), build_model(tiny_tokenizer, seed=3)
+    metrics = evaluate_pairs(_context(policy, reference, tiny_tokenizer, beta=0.5, loss_type="ipo"), items,
+                             batch_size=2)
+    expected = []
+    for item in items:
+        prompt = torch.tensor([item["prompt_input_ids"]])
+        per_token = []
+        for side in ("chosen", "rejected"):
+            completion = torch.tensor([item[f"{side}_input_ids"]])
+            with torch.no_grad():
+                logps = [completion_logps(model, prompt, torch.ones_like(prompt), completion,
+                                          torch.ones_like(completion)).item() for model in (policy, reference)]
+            per_token.append((logps[0] - logps[1]) / completion.shape[1])
+        expected.append((per_token[0] - per_token[1] - 1 / (2 * 0.5)) ** 2)
+    assert metrics["eval_loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+
+
 class FakeAccelerator:
     """Process `process_index` of `num_processes`; `reduce` records what it was given."""
 

@@ -85,6 +85,23 @@ def test_hypo_with_zero_kl_coef_equals_dpo(tiny_model_dir, tiny_task, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4  # the online term does move the weights
 
 
+def test_hypo_with_zero_kl_coef_equals_the_offline_run_for_any_loss_type(tiny_model_dir, tiny_task, tmp_path):
+    """HyPO for every offline loss: the loop adds kl_coef * loss_kl to whichever offline loss is configured, so with
+    a weighted mix of TRL loss types and kl_coef 0 the weights are those of the plain offline run, although the
+    online term was sampled and computed (test_hypo_with_zero_kl_coef_equals_dpo: a non-zero kl_coef moves them)."""
+    common = {"max_steps": 2, "eval_at_end": False, "loss_type": ["aot_unpaired", "sft"], "loss_weights": [1.0, 0.1]}
+    offline = train(_config(tiny_model_dir, tiny_task, tmp_path, "dpo", method="dpo", **common))
+    hypo = train(_config(tiny_model_dir, tiny_task, tmp_path, "hypo0", method="hypo", kl_coef=0.0, **common))
+    _assert_same_weights(offline.model_dir, hypo.model_dir, atol=0)
+    a, b = _weights(offline.model_dir), _weights(tiny_model_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3  # the offline loss moved the weights
+    first, second = [json.loads(line) for line in (hypo.output_dir / "metrics.jsonl").read_text().splitlines()[:2]]
+    assert second["loss/kl"] != 0 and second["loss"] == second["loss/dpo"]
+    # step 1, policy == reference: aot_unpaired is log 2 per pair; sft the mean NLL of the chosen tokens, about
+    # log(320) = 5.8 nats for the tiny random model
+    assert 0.693147 + 0.1 * 4 < first["loss/dpo"] < 0.693147 + 0.1 * 8
+
+
 def test_reference_cache_and_gradient_accumulation_change_nothing(tiny_model_dir, tiny_task, tmp_path):
     """One step over the same 4 pairs: cached vs fresh reference log-probs, and 1 x 4 vs 2 x 2 micro-batches."""
     common = {"method": "dpo", "max_steps": 1, "eval_at_end": False}

@@ -23,6 +23,15 @@ DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 """Name that selects the embedded SmolLM2-135M-Instruct (also used when no model is given)."""
 
 
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+"""The offline loss types: TRL 1.16 DPOTrainer's, formulas in `hypo.objective.pair_losses`."""
+LABEL_SMOOTHING_LOSSES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
+"""The loss types that read label_smoothing (TRL 1.16's sigmoid does not: hypo's is conservative DPO)."""
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+"""The loss types built on the chosen-rejected difference, where the f-DPO reparameterization holds (TRL's list)."""
+
+
 def _help(text: str, default: Any = None, **kw) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
@@ -36,8 +45,28 @@ class HyPOConfig:
         "hypo: DPO loss on the offline pairs + kl_coef * reverse KL on fresh policy samples; dpo: offline only.",
         "hypo")
     beta: float = _help("DPO temperature beta: implicit reward = beta * (logp_policy - logp_ref).", 0.1)
-    loss_type: Literal["sigmoid", "ipo"] = _help("Offline loss: sigmoid (DPO) or ipo.", "sigmoid")
-    label_smoothing: float = _help("Conservative DPO: assumed label-flip probability (sigmoid loss only).", 0.0)
+    loss_type: str | list[str] = field(default_factory=lambda: "sigmoid", metadata={"help": (  # a factory: the
+        # command line's list parser reads no plain default
+        "Offline loss on the pairs, TRL DPOTrainer's loss_type: sigmoid (DPO), hinge, ipo (on per-token average "
+        "log-ratios, as TRL), exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
+        "discopop, sft, sigmoid_norm; several (--loss_type sigmoid sft) are summed with loss_weights. With method "
+        "hypo the online KL term adds to it.")})
+    loss_weights: list[float] | None = _help(
+        "Weight of each loss_type in the sum, in the same order (for example --loss_type sigmoid sft "
+        "--loss_weights 1 0.2); default 1 each.")
+    label_smoothing: float = _help(
+        "Assumed label-flip probability, in [0, 0.5): conservative DPO for sigmoid (TRL 1.16's sigmoid ignores it), "
+        "and TRL's meaning for robust, exo_pair (needs > 0; the EXO paper suggests 1e-3), aot and aot_unpaired.", 0.0)
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = _help(
+        "f-DPO's divergence to the reference (TRL's f_divergence_type): reverse_kl is DPO's own; the others apply "
+        "to sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft. Not the online term, which is "
+        "always the reverse KL.", "reverse_kl")
+    f_alpha_divergence_coef: float = _help("alpha of f_divergence_type alpha_divergence.", 0.5)
+    discopop_tau: float = _help("Temperature tau of loss_type discopop (the DiscoPOP paper's default 0.05).", 0.05)
+    ld_alpha: float | None = _help(
+        "LD-DPO (TRL's ld_alpha), in [0, 1]: in each pair, the tokens of the longer completion beyond the shorter "
+        "one's length count ld_alpha times in the log-probs of policy and reference. Default: off (every token "
+        "counts once).")
     kl_coef: float = _help(
         "HyPO's lambda: weight of the online reverse-KL term KL(pi || pi_ref) (arXiv 2406.01462).", 0.05)
     num_generations: int = _help(
@@ -194,6 +223,11 @@ class HyPOConfig:
         if self.method == "hypo" and self.num_generations == 1:
             warnings.warn("num_generations=1: the KL estimator has no baseline (higher variance)", stacklevel=3)
 
+    @property
+    def loss_types(self) -> list[str]:
+        """`loss_type` as a list (one name or several)."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -239,6 +273,8 @@ def plain_numbers(config) -> None:
 def _describe(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(choice) for choice in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return f"a list (each {_describe(typing.get_args(annotation)[0])})"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
             type(None): "null"}.get(annotation, str(annotation))
 
@@ -251,6 +287,8 @@ def _matches(value: Any, annotation: Any) -> bool:
         return any(_matches(value, arm) for arm in typing.get_args(annotation))
     if origin is Literal:
         return any(type(value) is type(choice) and value == choice for choice in typing.get_args(annotation))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(item, typing.get_args(annotation)[0]) for item in value)
     if annotation is type(None):
         return value is None
     if annotation is bool:
@@ -281,10 +319,7 @@ def _problems(c: HyPOConfig):
         yield f"beta must be > 0, got {c.beta}"
     if c.kl_coef < 0:
         yield f"kl_coef must be >= 0, got {c.kl_coef}"
-    if not 0 <= c.label_smoothing < 0.5:
-        yield f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}"
-    if c.loss_type == "ipo" and c.label_smoothing:
-        yield "label_smoothing applies to the sigmoid loss only"
+    yield from _loss_problems(c)
     for name in ("num_generations", "per_device_prompt_batch_size", "max_completion_length", "max_length",
                  "max_prompt_length", "eval_num_samples", "eval_batch_size"):
         if getattr(c, name) < 1:
@@ -311,6 +346,33 @@ def _problems(c: HyPOConfig):
     if c.eval_steps < 0 or c.eval_max_prompts_during_training < 0:
         yield "eval_steps and eval_max_prompts_during_training must be >= 0"
     yield from _source_problems(c)
+
+
+def _loss_problems(c: HyPOConfig):
+    """Checks of the offline-loss section (TRL DPOTrainer's rules, and its value ranges)."""
+    types = c.loss_types
+    unknown = [name for name in types if name not in LOSS_TYPES]
+    if not types or unknown:
+        yield f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))} (or a list of them), got {c.loss_type!r}"
+        return
+    if c.loss_weights is not None and len(c.loss_weights) != len(types):
+        yield f"loss_weights has {len(c.loss_weights)} weight(s) for {len(types)} loss type(s) ({', '.join(types)})"
+    if not 0 <= c.label_smoothing < 0.5:
+        yield f"label_smoothing must be in [0, 0.5), got {c.label_smoothing}"
+    if c.label_smoothing and not LABEL_SMOOTHING_LOSSES & set(types):
+        yield f"label_smoothing applies to {', '.join(sorted(LABEL_SMOOTHING_LOSSES))}; loss_type is {', '.join(types)}"
+    if "exo_pair" in types and c.label_smoothing == 0:
+        yield "loss_type exo_pair needs label_smoothing > 0 (its epsilon; the EXO paper suggests 1e-3)"
+    if c.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
+        yield (f"f_divergence_type {c.f_divergence_type} applies to {', '.join(sorted(F_DIVERGENCE_LOSSES))} only "
+               f"(the others have no f-divergence form); loss_type is {', '.join(types)}")
+    if c.discopop_tau <= 0:
+        yield f"discopop_tau must be > 0, got {c.discopop_tau}"
+    if c.ld_alpha is not None and not 0 <= c.ld_alpha <= 1:
+        yield f"ld_alpha must be in [0, 1], got {c.ld_alpha}"
+    if c.ld_alpha is not None and "sft" in types:
+        yield ("ld_alpha with loss_type sft is not offered: sft's NLL counts every chosen token, and with ld_alpha the "
+               "step scores the weighted log-probs only")
 
 
 def optimization_problems(c):

@@ -92,15 +92,16 @@ def completion_logps(
     prompt_attention_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sequence log-probs of right-padded completions after left-padded prompts (`completion_per_token_logps`
-    summed over the mask).
+    summed over the mask, or weighted by `token_weights`, (B, C), zero on padding).
 
     Shape: prompts (B, P), completions (B, C) -> (B,)
     """
     per_token_logps = completion_per_token_logps(
         model, prompt_input_ids, prompt_attention_mask, completion_ids, completion_mask)  # (B, C)
-    return sequence_logps(per_token_logps, completion_mask)
+    return sequence_logps(per_token_logps, completion_mask if token_weights is None else token_weights)
 
 
 def shared_prompt_logps(
@@ -110,8 +111,10 @@ def shared_prompt_logps(
     prompt_index: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sequence log-probs of completions that share prompts, each prompt run once.
+    """Sequence log-probs of completions that share prompts, each prompt run once (weighted sums with
+    `token_weights`, as in `completion_logps`).
 
     Completion row i continues prompt row `prompt_index[i]` (chosen and rejected share a prompt; so do
     the k samples of a prompt). A first forward runs the G prompts and keeps their keys and values; a
@@ -144,11 +147,11 @@ def shared_prompt_logps(
         ).logits  # (N, C - 1, V): completion position t predicts completion token t + 1
         logits = torch.cat([logits, completion_logits], dim=1)  # (N, C, V)
     per_token_logps = selective_log_softmax(logits, completion_ids)  # (N, C)
-    return sequence_logps(per_token_logps, completion_mask)
+    return sequence_logps(per_token_logps, completion_mask if token_weights is None else token_weights)
 
 
 def grouped_completion_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
-                             completion_mask, *, share_prompt: bool) -> torch.Tensor:
+                             completion_mask, *, share_prompt: bool, token_weights=None) -> torch.Tensor:
     """Log-probs of completions whose prompts are rows `prompt_index` of the prompt batch: each prompt
     run once (`share_prompt`) or repeated per completion (one forward over full rows).
 
@@ -156,18 +159,19 @@ def grouped_completion_logps(model, prompt_input_ids, prompt_attention_mask, pro
     """
     if share_prompt:
         return shared_prompt_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
-                                   completion_mask)
+                                   completion_mask, token_weights)
     return completion_logps(model, prompt_input_ids[prompt_index], prompt_attention_mask[prompt_index],
-                            completion_ids, completion_mask)
+                            completion_ids, completion_mask, token_weights)
 
 
 def _pad_right(ids: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(ids, (0, width - ids.shape[1]), value=value)
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor], *, pad_token_id: int,
-               share_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs in one pass over 2B completion rows.
+def pair_logps(model, batch: dict[str, torch.Tensor], *, pad_token_id: int, share_prompt: bool,
+               token_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs in one pass over 2B completion rows; `token_weights` (chosen (B, C),
+    rejected (B, R)) weight each token in the sums (`hypo.objective.pair_losses.ld_token_weights`).
 
     Shape: batch of B pairs -> chosen (B,), rejected (B,)
     """
@@ -178,6 +182,9 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, pad_token_id: int,
                                  _pad_right(batch["rejected_attention_mask"], width, 0)])  # (2B, C)
     num_pairs = batch["prompt_input_ids"].shape[0]
     prompt_index = torch.arange(num_pairs, device=completion_ids.device).repeat(2)  # (2B,): chosen rows, rejected
+    if token_weights is not None:
+        token_weights = torch.cat([_pad_right(weights, width, 0) for weights in token_weights])  # (2B, C)
     logps = grouped_completion_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                                     prompt_index, completion_ids, completion_mask, share_prompt=share_prompt)
+                                     prompt_index, completion_ids, completion_mask, share_prompt=share_prompt,
+                                     token_weights=token_weights)
     return logps.chunk(2)

@@ -1,5 +1,8 @@
 """Loss functions and KL estimates. Pure torch; every function returns per-example tensors.
 
+`dpo_loss` is the offline term (any loss type of TRL's DPOTrainer, formulas in `hypo.objective.pair_losses`);
+`kl_surrogate` the online term; `kl_estimates` logged estimates of the KL.
+
 All inputs are sequence-level log-probabilities `logps = sum_t log pi(y_t | x, y_<t)` (docs/design.md: the objective).
 Paper: Song et al., "The Importance of Online Data: Understanding Preference Fine-tuning via Coverage",
 arXiv 2406.01462 (HyPO, Algorithm 1).
@@ -7,12 +10,12 @@ arXiv 2406.01462 (HyPO, Algorithm 1).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-LossType = Literal["sigmoid", "ipo"]
+from hypo.objective import pair_losses as pl
+from hypo.objective.pair_losses import LENGTH_LOSSES, f_divergence_scores
 
 
 def dpo_loss(
@@ -22,29 +25,66 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
-    loss_type: LossType = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO loss on offline pairs, with the IPO and conservative (label-smoothing) variants.
+    """The offline loss on pairs: one loss type of TRL's DPOTrainer, or a weighted sum of several
+    (`hypo.objective.pair_losses`; TRL 1.16's `loss_type` / `loss_weights`, default weight 1 each).
 
-    With u = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected):
-    - sigmoid (DPO, Rafailov et al. 2023 eq. 7):
-      loss = -(1 - eps) * log sigmoid(beta * u) - eps * log sigmoid(-beta * u)   (eps = label_smoothing,
-      cDPO; eps = 0 is plain DPO)
-    - ipo (Azar et al. 2023 eq. 17): loss = (u - 1 / (2 * beta))^2, on sequence sums.
-    Implicit rewards: beta * (policy_logps - ref_logps), detached.
+    With log-ratios chosen = policy_chosen - ref_chosen, rejected = policy_rejected - ref_rejected, sigmoid (DPO,
+    Rafailov et al. 2023 eq. 7) is -log sigmoid(beta * (chosen - rejected)); label_smoothing makes it conservative
+    DPO. `chosen_lengths` / `rejected_lengths` (completion tokens) are needed by ipo, sigmoid_norm and sft. The
+    f-divergence (f-DPO) maps the log-ratios of the loss types built on their difference; the others read the
+    log-ratios themselves (`hypo.config` refuses such a combination, as TRL does).
+    Implicit rewards: beta * log-ratio, detached. The mean over pairs of the returned losses is TRL's loss.
+
+    Example: loss_type ["sigmoid", "sft"], weights [1, 0.5], one pair with log-ratios 1 and -1 (beta 0.5), chosen
+    logp -6 over 4 tokens -> 0.31326 + 0.5 * 1.5 = 1.06326.
 
     Shape: each input (B,) -> losses (B,), chosen_rewards (B,), rejected_rewards (B,)
     """
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights has {len(weights)} weight(s) for {len(loss_types)} loss type(s)")
+    if LENGTH_LOSSES & set(loss_types) and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"loss types {sorted(LENGTH_LOSSES & set(loss_types))} need chosen_lengths and rejected_lengths")
     chosen_log_ratio = policy_chosen_logps - ref_chosen_logps  # (B,)
     rejected_log_ratio = policy_rejected_logps - ref_rejected_logps  # (B,)
-    u = chosen_log_ratio - rejected_log_ratio  # (B,)
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * u) - label_smoothing * F.logsigmoid(-beta * u)
-    elif loss_type == "ipo":
-        losses = (u - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+    chosen_scores = f_divergence_scores(chosen_log_ratio, divergence=f_divergence_type, alpha=f_alpha_divergence_coef)
+    rejected_scores = f_divergence_scores(rejected_log_ratio, divergence=f_divergence_type,
+                                          alpha=f_alpha_divergence_coef)
+    delta = chosen_scores - rejected_scores  # (B,)
+    ratios, eps = (chosen_log_ratio, rejected_log_ratio), label_smoothing
+    lengths = (chosen_lengths, rejected_lengths)
+    formulas = {
+        "sigmoid": lambda: pl.sigmoid_loss(delta, beta=beta, label_smoothing=eps),
+        "hinge": lambda: pl.hinge_loss(delta, beta=beta),
+        "ipo": lambda: pl.ipo_loss(chosen_scores, rejected_scores, *lengths, beta=beta),
+        "exo_pair": lambda: pl.exo_pair_loss(delta, beta=beta, label_smoothing=eps),
+        "nca_pair": lambda: pl.nca_pair_loss(*ratios, beta=beta),
+        "robust": lambda: pl.robust_loss(delta, beta=beta, label_smoothing=eps),
+        "bco_pair": lambda: pl.bco_pair_loss(*ratios, beta=beta),
+        "sppo_hard": lambda: pl.sppo_hard_loss(*ratios, beta=beta),
+        "aot": lambda: pl.aot_loss(policy_chosen_logps - policy_rejected_logps, ref_chosen_logps - ref_rejected_logps,
+                                   beta=beta, label_smoothing=eps),
+        "aot_unpaired": lambda: pl.aot_unpaired_loss(*ratios, beta=beta, label_smoothing=eps),
+        "apo_zero": lambda: pl.apo_zero_loss(*ratios, beta=beta),
+        "apo_down": lambda: pl.apo_down_loss(*ratios, beta=beta),
+        "discopop": lambda: pl.discopop_loss(delta, beta=beta, tau=discopop_tau),
+        "sft": lambda: pl.sft_loss(policy_chosen_logps, chosen_lengths),
+        "sigmoid_norm": lambda: pl.sigmoid_norm_loss(chosen_scores, rejected_scores, *lengths, beta=beta),
+    }
+    unknown = [name for name in loss_types if name not in formulas]
+    if unknown or not loss_types:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one or several of {', '.join(formulas)}")
+    losses = sum(weight * formulas[name]() for name, weight in zip(loss_types, weights, strict=True))  # (B,)
     return losses, beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
 
 

@@ -34,10 +34,11 @@ METHODS = {
     "sft": "supervised fine-tuning (TRL's SFTTrainer) on prompt-completion data",
 }
 TRAINING_HYPERPARAMETERS = (
-    "method", "beta", "loss_type", "label_smoothing", "kl_coef", "num_generations", "per_device_prompt_batch_size",
-    "max_completion_length", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "max_length",
-    "max_prompt_length", "mixed_precision", "dtype", "use_peft", "lora_r", "lora_alpha", "seed")
+    "method", "beta", "loss_type", "loss_weights", "label_smoothing", "kl_coef", "num_generations",
+    "per_device_prompt_batch_size", "max_completion_length", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+    "weight_decay", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+    "num_train_epochs", "max_length", "max_prompt_length", "mixed_precision", "dtype", "use_peft", "lora_r",
+    "lora_alpha", "seed")
 EVAL_ROWS = (  # (label, metric key, standard-error key)
     ("reverse KL to the reference (nats, k1)", "objective/kl", "objective/kl_se"),
     ("mean completion length (tokens)", "completions/mean_length", "completions/mean_length_se"),
@@ -179,6 +180,8 @@ def training_card(config, *, name: str, eval_results: dict[str, Any] | None = No
     if c.method == "dpo":
         for key in ("kl_coef", "num_generations", "per_device_prompt_batch_size"):
             hyperparameters.pop(key)
+    if c.loss_weights is None:
+        hyperparameters.pop("loss_weights")
     if not c.use_peft:
         hyperparameters.pop("lora_r")
         hyperparameters.pop("lora_alpha")

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from hypo.config import HyPOConfig
+from hypo.evaluation.pairs import configured_dpo_loss, pair_token_weights
 from hypo.models.reference import Reference
 from hypo.objective.logprobs import grouped_completion_logps, pair_logps
-from hypo.objective.losses import dpo_loss, kl_estimates, kl_surrogate, preference_metrics
+from hypo.objective.losses import kl_estimates, kl_surrogate, preference_metrics
 from hypo.runtime.distributed import any_process, gathered_for_generation
 from hypo.sampling.generate import generate_completions
 from hypo.training.tracking import StepTimer
@@ -74,8 +75,8 @@ def reference_pair_logps(ctx: StepContext, batch: dict[str, torch.Tensor]) -> tu
         miss = any_process(ctx.accelerator, miss)  # the same decision on every process
     if miss:
         with ctx.reference.active() as ref_model:
-            chosen, rejected = pair_logps(ref_model, batch, pad_token_id=ctx.pad_token_id,
-                                          share_prompt=ctx.share_prompt)
+            chosen, rejected = pair_logps(ref_model, batch, pad_token_id=ctx.pad_token_id, share_prompt=ctx.share_prompt,
+                                          token_weights=pair_token_weights(ctx.config, batch))
         if cache is None:
             return chosen, rejected
         rows = torch.stack([batch["index"].double(), chosen.double(), rejected.double()], dim=1)  # (B, 3)
@@ -89,16 +90,15 @@ def reference_pair_logps(ctx: StepContext, batch: dict[str, torch.Tensor]) -> tu
 
 
 def dpo_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Term:
-    """Offline term: DPO (or a variant) on a batch of pairs."""
-    config = ctx.config
+    """Offline term: the configured loss (DPO, or any of TRL's loss types and their weighted sums) on a batch of
+    pairs."""
     with ctx.timer("reference"):
         ref_chosen, ref_rejected = reference_pair_logps(ctx, batch)
     policy_chosen, policy_rejected = pair_logps(ctx.policy, batch, pad_token_id=ctx.pad_token_id,
-                                                share_prompt=ctx.share_prompt)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-    )
+                                                share_prompt=ctx.share_prompt,
+                                                token_weights=pair_token_weights(ctx.config, batch))
+    losses, chosen_rewards, rejected_rewards = configured_dpo_loss(ctx.config, batch, policy_chosen, policy_rejected,
+                                                                   ref_chosen, ref_rejected)
     per_pair = preference_metrics(policy_chosen, policy_rejected, chosen_rewards, rejected_rewards)
     metrics = {"loss/dpo": losses.detach().mean(), **{name: values.mean() for name, values in per_pair.items()}}
     tokens = batch["prompt_attention_mask"].sum() + batch["chosen_attention_mask"].sum() + \
