@@ -177,7 +177,8 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path = "report") 
     lines = ["# hypo report", "", f"{len(runs)} runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
              markdown_table(runs), "",
              "Win rate: policy against the reference under the judge, ties count half, 95% normal interval "
-             "across prompts, over valid judgments (with their count when some had no readable verdict). Scores, KL, length and EOS rate: mean ± standard error across prompts. "
+             "across prompts, over valid judgments (their count shown when some had no readable verdict). "
+             "Scores, KL, length and EOS rate: mean ± standard error across prompts. "
              "Train time: sum of `time/step` over the logged steps.", "",
              "## Training curves", "", f"![training curves]({curves.name})", ""]
     if frontier is not None:
@@ -189,6 +190,8 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path = "report") 
 
 def eval_report_markdown(results: dict[str, Any], num_examples: int = 3) -> str:
     """`eval_report.md` of one evaluation: metrics with uncertainty and counts, settings, a few samples."""
+    from hypo.evaluation.held_out import judge_label, win_rate_withheld
+
     m, settings = results["metrics"], results["settings"]
     baseline = "reference" if settings.get("baseline", "reference") == "reference" else "baseline"
     n = f"{int(m['num_prompts'])} prompts"
@@ -197,13 +200,11 @@ def eval_report_markdown(results: dict[str, Any], num_examples: int = 3) -> str:
             ("policy mean length (tokens)", _pm(m, "completions/mean_length", 1), n),
             ("policy EOS rate", _pm(m, "completions/eos_rate", 2), n),
             (f"{baseline} mean length (tokens)", _pm(m, "reference/mean_length", 1), n)]
-    pairs = f"{n}, {int(m['num_completions'])} pairs"
-    if "num_invalid" in m:
+    pairs = valid = f"{n}, {int(m['num_completions'])} pairs"
+    if m.get("num_invalid") or ("num_invalid" in m and judge_label(settings) == "LLM"):  # judges that can fail to read
         valid = f"{n}, {int(m['num_completions'] - m['num_invalid'])} valid pairs"
         rows.append(("invalid judgments (no readable verdict)",
                      f"{int(m['num_invalid'])} ({_num(m['invalid_rate'])})", pairs))
-    else:
-        valid = pairs
     if "win_rate" in m:
         rows.append((f"win rate vs {baseline} [95% CI]",
                      f"{_num(m['win_rate'])} [{_num(m['win_rate_ci_low'])}, {_num(m['win_rate_ci_high'])}]", valid))
@@ -219,8 +220,6 @@ def eval_report_markdown(results: dict[str, Any], num_examples: int = 3) -> str:
               "of the policy against the baseline under the judge, ties counted half, 95% normal interval, over "
               "valid judgments only (an invalid one, whose judge replies had no readable verdict, is neither a "
               f"win, a loss nor a tie). Baseline: `{settings.get('baseline', 'reference')}`.", ""]
-    from hypo.evaluation.held_out import win_rate_withheld
-
     withheld = win_rate_withheld(m, settings)
     if withheld:
         lines += [f"**{withheld[0].upper()}{withheld[1:]}.**", ""]
