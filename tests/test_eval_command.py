@@ -231,3 +231,19 @@ def test_judge_concurrency_gives_the_same_results_and_cache(tiny_model_dir, tiny
     assert (tmp_path / "1" / "llm_judge_cache.jsonl").read_bytes() == \
         (tmp_path / "8" / "llm_judge_cache.jsonl").read_bytes()
     assert eight["settings"]["judge_concurrency"] == 8
+
+
+def test_llm_judge_settings_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hypo.cli.evaluate import _eval_judge, eval_parser
+
+    llm = ["--model", "m", "--judge", "llm", "--judge_base_url", "http://127.0.0.1:9/v1", "--judge_model", "x"]
+    with pytest.raises(ValueError, match=r"--judge_min_valid_fraction must be in \[0, 1\], got 1.5"):
+        _eval_judge(eval_parser().parse_args([*llm, "--judge_min_valid_fraction", "1.5"]), tmp_path, None)
+    with pytest.raises(ValueError, match="LLM judge concurrency must be an integer >= 1"):
+        _eval_judge(eval_parser().parse_args([*llm, "--judge_concurrency", "0"]), tmp_path, None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"--judge llm needs the openai package: pip install 'hypo\[judge\]'"):
+        _eval_judge(eval_parser().parse_args(llm), tmp_path, None)
