@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from judge_servers import StandInServer, chat
 from test_llm_judge import chat_server, running_chat_server  # noqa: F401 (fixtures)
 from test_reward_model_judge import _save_reward_model
 
@@ -135,4 +136,114 @@ def test_judge_timeout_reaches_the_llm_judge(tmp_path):
     args = eval_parser().parse_args(["--model", "m", "--judge", "llm", "--judge_base_url", "http://127.0.0.1:9/v1",
                                      "--judge_model", "x", "--judge_timeout", "7.5"])
     judge = _eval_judge(args, tmp_path, None)
-    assert judge.timeout == 7.5 and judge.max_retries == 4
+    assert judge.timeout == 7.5 and judge.max_retries == 4 and judge.concurrency == 8 and judge.parse_retries == 2
+
+
+class UnreadableReplies:
+    """A judge that never gives a verdict on the items of `unreadable_prompts` (by prompt text), answers every
+    `every`-th request "I cannot decide; both have merits.", and otherwise "A"."""
+
+    def __init__(self, unreadable_prompts=(), every: int = 0):
+        self.unreadable_prompts, self.every, self.count = tuple(unreadable_prompts), every, 0
+
+    def __call__(self, messages):
+        self.count += 1
+        if any(p in messages[0]["content"] for p in self.unreadable_prompts) or \
+                (self.every and self.count % self.every == 0):
+            return "I cannot decide; both have merits."
+        return "A"
+
+
+def _judged_eval(tiny_model_dir, tiny_task, server, out, *extra):
+    argv = ["eval", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir), "--prompts",
+            str(tiny_task["eval_prompts"]), "--max_prompts", "4", "--num_samples", "2", "--max_new_tokens", "4",
+            "--judge", "llm", "--judge_base_url", server.base_url, "--judge_model", "j", "--output_dir", str(out),
+            *map(str, extra)]
+    return main(argv)
+
+
+def test_unreadable_verdicts_are_asked_again_not_counted_as_ties(tiny_model_dir, tiny_task, tmp_path, capsys):
+    """Every third reply unreadable: each is asked again and read, so nothing is invalid and no tie appears."""
+    server = StandInServer(chat(UnreadableReplies(every=3)))
+    try:  # one request at a time: requests 3, 6 and 9 are the unreadable ones
+        assert _judged_eval(tiny_model_dir, tiny_task, server, tmp_path / "out", "--judge_concurrency", 1) == 0
+    finally:
+        server.close()
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    m, settings = results["metrics"], results["settings"]
+    assert m["num_invalid"] == 0 and m["tie_rate"] == 0.0 and m["num_completions"] == 8
+    assert settings["judge_parse_retries"] == 2 and len(server.requests) == 8 + 3
+    assert "LLM judge: 11 requests, 3 replies without a verdict" in capsys.readouterr().out
+    assert all(s["win"] in (0.0, 1.0) for s in _samples(tmp_path / "out"))
+
+
+def test_invalid_judgments_are_reported_and_too_many_withhold_the_win_rate(tiny_model_dir, tiny_task, tmp_path,
+                                                                          capsys):
+    prompts = [json.loads(line)["prompt"] for line in tiny_task["eval_prompts"].read_text().splitlines()]
+    first_prompt = prompts[0] if isinstance(prompts[0], str) else prompts[0][-1]["content"]
+    server = StandInServer(chat(UnreadableReplies([first_prompt])))
+    out = tmp_path / "out"
+    try:
+        # 2 of 8 judgments invalid (both samples of the first prompt): 75% valid, below the default 90%
+        assert _judged_eval(tiny_model_dir, tiny_task, server, out, "--judge_parse_retries", "1") == 3
+        captured = capsys.readouterr()
+        assert "win rate withheld: 6 of 8 judgments valid (75%), fewer than the 90% required" in captured.err
+        assert "Traceback" not in captured.err
+        results = json.loads((out / "eval_results.json").read_text())  # everything else is written
+        m = results["metrics"]
+        assert m["num_invalid"] == 2 and m["invalid_rate"] == 0.25 and "win_rate" not in m and "tie_rate" not in m
+        samples = _samples(out)
+        assert [s["win"] for s in samples[:2]] == [None, None] and all(s["win"] == 1.0 or s["win"] == 0.0
+                                                                        for s in samples[2:])
+        assert samples[0]["judge_reply"] == "I cannot decide; both have merits."
+        report = (out / "eval_report.md").read_text()
+        assert "| invalid judgments (no readable verdict) | 2 (0.250) | 4 prompts, 8 pairs |" in report
+        assert "withheld: too few valid judgments" in report and "**Win rate withheld: 6 of 8" in report
+        cached = [json.loads(line)["verdict"] for line in (out / "llm_judge_cache.jsonl").read_text().splitlines()]
+        assert sorted(set(cached)) == ["A"] and len(cached) == 6  # invalid judgments are not cached
+        asked = len(server.requests)
+        # with a lower bar the same judgments give a win rate over the 6 valid ones; the invalid ones are asked again
+        assert _judged_eval(tiny_model_dir, tiny_task, server, out, "--judge_parse_retries", "1",
+                            "--judge_min_valid_fraction", "0.7") == 0
+        assert len(server.requests) == asked + 2 * 2  # 2 invalid items x (1 + 1 parse retry), the rest cached
+    finally:
+        server.close()
+    m = json.loads((out / "eval_results.json").read_text())["metrics"]
+    valid = [s for s in _samples(out) if s["win"] is not None]
+    per_prompt = {}
+    for s in valid:
+        per_prompt.setdefault(s["prompt_index"], []).append(s["win"])
+    assert m["win_rate"] == pytest.approx(sum(sum(w) / len(w) for w in per_prompt.values()) / 3)
+    assert len(per_prompt) == 3 and m["num_invalid"] == 2
+    assert "over 6 valid judgments (2 invalid)" in capsys.readouterr().out
+
+
+def test_judge_concurrency_gives_the_same_results_and_cache(tiny_model_dir, tiny_task, tmp_path):
+    server = StandInServer(chat(lambda messages: "AB"[len(messages[0]["content"]) % 2]))
+    try:
+        for concurrency in (1, 8):
+            assert _judged_eval(tiny_model_dir, tiny_task, server, tmp_path / str(concurrency),
+                                "--judge_concurrency", concurrency) == 0
+    finally:
+        server.close()
+    one, eight = (json.loads((tmp_path / c / "eval_results.json").read_text()) for c in ("1", "8"))
+    assert one["metrics"] == eight["metrics"] and _samples(tmp_path / "1") == _samples(tmp_path / "8")
+    assert (tmp_path / "1" / "llm_judge_cache.jsonl").read_bytes() == \
+        (tmp_path / "8" / "llm_judge_cache.jsonl").read_bytes()
+    assert eight["settings"]["judge_concurrency"] == 8
+
+
+def test_llm_judge_settings_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hypo.cli.evaluate import _eval_judge, eval_parser
+
+    llm = ["--model", "m", "--judge", "llm", "--judge_base_url", "http://127.0.0.1:9/v1", "--judge_model", "x"]
+    with pytest.raises(ValueError, match=r"--judge_min_valid_fraction must be in \[0, 1\], got 1.5"):
+        _eval_judge(eval_parser().parse_args([*llm, "--judge_min_valid_fraction", "1.5"]), tmp_path, None)
+    with pytest.raises(ValueError, match="LLM judge concurrency must be an integer >= 1"):
+        _eval_judge(eval_parser().parse_args([*llm, "--judge_concurrency", "0"]), tmp_path, None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"--judge llm needs the openai package: pip install 'hypo\[judge\]'"):
+        _eval_judge(eval_parser().parse_args(llm), tmp_path, None)

@@ -11,11 +11,13 @@ from hypo.data.encoding import tokenize_prompt_rows
 from hypo.evaluation.held_out import (
     KL_ON_JUDGED_SAMPLES,
     KL_ON_SEPARATE_SAMPLES,
+    MIN_VALID_FRACTION,
     completion_texts,
     evaluate_policy,
     format_summary,
     prompt_text,
     summarize,
+    win_rate_withheld,
 )
 from hypo.evaluation.stats import mean_and_se, win_rate_interval
 from hypo.models.reference import Reference
@@ -52,6 +54,39 @@ def test_summarize_averages_samples_within_prompts_and_counts_ties_as_half():
     assert m["completions/eos_rate"] == pytest.approx((0.5 + 1.0) / 2)
     assert m["num_prompts"] == 2 and m["num_completions"] == 3
     assert "win_rate" not in summarize(rows, judged=False)
+
+
+def _judged_rows(wins_per_prompt: list[list[float | None]]) -> list[dict]:
+    return [{"prompt_index": i, "k1": 0.0, "k3": 0.0, "policy_length": 1, "policy_eos": True, "reference_length": 1,
+             "win": win} for i, wins in enumerate(wins_per_prompt) for win in wins]
+
+
+def test_invalid_judgments_are_neither_wins_losses_nor_ties():
+    """wins [1, None, 0.5] and [0]: 1 invalid of 4 (0.25); valid per-prompt means [0.75, 0] -> 0.375, tie rate
+    1/3 over the 3 valid; with the invalid one read as a tie the win rate would be (2/3 + 0) / 2 = 0.333."""
+    m = summarize(_judged_rows([[1.0, None, 0.5], [0.0]]), judged=True, min_valid_fraction=0.75)
+    assert m["num_invalid"] == 1 and m["invalid_rate"] == 0.25
+    assert m["win_rate"] == 0.375 and m["tie_rate"] == pytest.approx(1 / 3)
+    assert m["win_rate_ci_low"] == pytest.approx(max(0.0, 0.375 - 1.959964 * 0.375))  # sd 0.53033, se 0.375
+    # a prompt whose judgments are all invalid leaves the win rate: the interval is across the other prompts
+    m = summarize(_judged_rows([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [None, None]]), judged=True,
+                  min_valid_fraction=0.5)
+    assert m["win_rate"] == 0.5 and m["num_invalid"] == 2 and m["invalid_rate"] == 0.25
+    clean = summarize(_judged_rows([[1.0], [0.0]]), judged=True)
+    assert clean["num_invalid"] == 0 and clean["invalid_rate"] == 0.0
+
+
+def test_too_few_valid_judgments_withhold_the_win_rate_and_say_why():
+    rows = _judged_rows([[1.0, None, 0.5], [0.0]])  # 3 of 4 valid
+    m = summarize(rows, judged=True)  # default: at least 90% valid
+    assert "win_rate" not in m and "tie_rate" not in m and m["num_invalid"] == 1
+    message = win_rate_withheld(m, {"judge_min_valid_fraction": MIN_VALID_FRACTION})
+    assert message.startswith("win rate withheld: 3 of 4 judgments valid (75%), fewer than the 90% required")
+    assert any("win rate withheld: 3 of 4" in line for line in format_summary(m, {"judge": "llm:j"}))
+    assert "win_rate" in summarize(rows, judged=True, min_valid_fraction=0.75)
+    none_valid = summarize(_judged_rows([[None], [None]]), judged=True, min_valid_fraction=0.0)
+    assert "win_rate" not in none_valid and "0 of 2 judgments valid" in win_rate_withheld(none_valid)
+    assert win_rate_withheld(summarize(rows, judged=False)) is None
 
 
 def test_prompt_text_takes_last_user_message():

@@ -42,6 +42,21 @@ def test_table_contents(tmp_path):
                         "| 8 / 16 | 12.2 ± 1.5 | 0.75 ± 0.12 | 3.8 |")
 
 
+def test_table_shows_invalid_judgments_and_a_withheld_win_rate(tmp_path):
+    a = _write_run(tmp_path, "some-invalid", method="hypo", kl_coef=0.05, kl=0.125)
+    b = _write_run(tmp_path, "withheld", method="hypo", kl_coef=0.05, kl=0.125)
+    for run, extra in ((a, {"num_invalid": 1, "invalid_rate": 1 / 16}), (b, {"num_invalid": 6, "invalid_rate": 0.375})):
+        results = json.loads((run / "eval_results.json").read_text())
+        results["metrics"].update(extra)
+        if run == b:
+            for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high"):
+                del results["metrics"][key]
+        (run / "eval_results.json").write_text(json.dumps(results))
+    lines = markdown_table([load_run(a), load_run(b)]).splitlines()
+    assert "| 3 | 0.625 [0.400, 0.850] (15/16 valid) | 1.500 ± 0.250 |" in lines[2]
+    assert "| 3 | withheld (10/16 valid) | 1.500 ± 0.250 |" in lines[3]
+
+
 def test_report_command_writes_markdown_and_valid_pngs(tmp_path):
     from PIL import Image
 

@@ -6,53 +6,32 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from judge_servers import StandInServer, chat
 
 from hypo.cli.main import main
-from hypo.evaluation.llm_judge import TEMPLATES, TLDR_TEMPLATE, LLMJudge, parse_preferred
+from hypo.evaluation.llm_judge import TEMPLATES, TLDR_CORRECTION, TLDR_TEMPLATE, LLMJudge, parse_preferred
 
 
-class ShorterSummaryServer:
-    """Answers each TL;DR comparison like GPT-4 is asked to, preferring the shorter summary (A on a tie)."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = body["messages"][-1]["content"]
-                a, b = re.search(r"Summary A:\n(.*)\n\nSummary B:\n(.*)\n\nFIRST", content, re.S).groups()
-                verdict = "A" if len(a) <= len(b) else "B"
-                server.requests.append({"content": content, "a": a, "b": b, "max_tokens": body["max_tokens"]})
-                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content":
-                                    f"Comparison: Summary {verdict} is more concise.\nPreferred: {verdict}"}}]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply.encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+def shorter_summary_wins(messages: list[dict]) -> str:
+    """Answers a TL;DR comparison like GPT-4 is asked to, preferring the shorter summary (A on a tie)."""
+    a, b = re.search(r"Summary A:\n(.*)\n\nSummary B:\n(.*)\n\nFIRST", messages[0]["content"], re.S).groups()
+    verdict = "A" if len(a) <= len(b) else "B"
+    return f"Comparison: Summary {verdict} is more concise.\nPreferred: {verdict}"
 
 
 @pytest.fixture
 def judge_server():
-    server = ShorterSummaryServer()
+    server = StandInServer(chat(shorter_summary_wins))
     yield server
-    server.httpd.shutdown()
+    server.close()
+
+
+def _summaries(server) -> list[tuple[str, str]]:
+    """(summary A, summary B) of each request, as shown to the judge."""
+    return [re.search(r"Summary A:\n(.*)\n\nSummary B:\n(.*)\n\nFIRST", content, re.S).groups()
+            for content in server.contents()]
 
 
 @pytest.mark.parametrize(("reply", "verdict"), [
@@ -73,10 +52,29 @@ def test_tldr_template_maps_verdicts_back_through_the_random_order(judge_server)
              for i in range(12)]
     wins = [judge.compare(post, policy, reference) for post, policy, reference in items]
     assert wins == [1.0 if len(policy) <= len(reference) else 0.0 for _, policy, reference in items]
-    shown_first = [r["a"] for r in judge_server.requests]
+    shown_first = [a for a, _ in _summaries(judge_server)]
     assert 0 < sum(a == "medium one" for a in shown_first) < len(items)  # both orders occur
-    assert judge_server.requests[0]["content"].startswith(TLDR_TEMPLATE.split("{prompt}")[0])
-    assert judge_server.requests[0]["max_tokens"] == 256 and judge.unparsed == 0
+    assert judge_server.contents()[0].startswith(TLDR_TEMPLATE.split("{prompt}")[0])
+    assert judge_server.requests[0]["json"]["max_tokens"] == 256 and judge.unreadable_replies == 0
+
+
+def test_tldr_replies_without_a_preferred_line_are_asked_again_then_invalid():
+    """The `tldr` parser is held to the same rule: a reply with no verdict is answered with the format it must
+    follow; one that never gives a verdict is invalid, not a tie."""
+    replies = iter(["Comparison: both summaries are fine.", "Preferred: B",  # item 1: read on the second try
+                    "Both are fine.", "I like both.", "No preference."])  # item 2: never readable
+    server = StandInServer(chat(lambda messages: next(replies)))
+    try:
+        judge = LLMJudge(server.base_url, "gpt-4", template=TEMPLATES["tldr"], parse_retries=2)
+        first, second = judge.judge_all([("POST: a. TL;DR:", "x", "y"), ("POST: b. TL;DR:", "z", "w")])
+    finally:
+        server.close()
+    assert first.win == (1.0 if judge.swapped("POST: a. TL;DR:", "x", "y") else 0.0)  # B, mapped back
+    assert second.win is None and second.reply == "No preference."
+    assert server.requests[1]["json"]["messages"][1:] == [
+        {"role": "assistant", "content": "Comparison: both summaries are fine."},
+        {"role": "user", "content": TLDR_CORRECTION}]
+    assert judge.unreadable_replies == 1 + 3 and judge.invalid == 1
 
 
 def test_hypo_eval_tldr_win_rate_against_reference_summaries(tiny_model_dir, tmp_path, judge_server):
@@ -99,4 +97,4 @@ def test_hypo_eval_tldr_win_rate_against_reference_summaries(tiny_model_dir, tmp
                                            for s in samples]
     results = json.loads((out / "eval_results.json").read_text())
     assert results["settings"]["judge_template"] == "tldr" and results["metrics"]["num_prompts"] == 4
-    assert all("Post:\nSUBREDDIT: r/reviews" in r["content"] for r in judge_server.requests)
+    assert all("Post:\nSUBREDDIT: r/reviews" in content for content in judge_server.contents())

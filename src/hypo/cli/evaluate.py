@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hypo.config import HyPOConfig
+from hypo.evaluation.held_out import MIN_VALID_FRACTION
 
 
 def _default(name: str):
@@ -41,7 +42,17 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge_timeout", type=float, default=60.0,
                    help="--judge llm: seconds to wait for one answer before retrying.")
     p.add_argument("--judge_max_retries", type=int, default=4,
-                   help="--judge llm: retries of a failed request, with exponential backoff from 1 s.")
+                   help="--judge llm: retries of a failed request (connection error, timeout, HTTP 408, 409, 429, "
+                        "5xx), with the openai client's exponential backoff (0.5 s doubling, at most 8 s).")
+    p.add_argument("--judge_concurrency", type=int, default=8,
+                   help="--judge llm: requests in flight at once; the results and the cache are the same at any "
+                        "concurrency.")
+    p.add_argument("--judge_parse_retries", type=int, default=2,
+                   help="--judge llm: times a reply without a readable verdict is answered with the required format "
+                        "and asked again before the judgment counts as invalid (neither win, loss nor tie).")
+    p.add_argument("--judge_min_valid_fraction", type=float, default=MIN_VALID_FRACTION,
+                   help="Least fraction of valid judgments for a win rate to be reported; below it the results "
+                        "are written without one and the command exits with status 3.")
     p.add_argument("--judge_template", default=None, choices=["default", "tldr"],
                    help="--judge llm: the prompt (src/hypo/evaluation/llm_judge.py): default, a general comparison; tldr, the "
                         "paper's TL;DR win rate (which summary of the post is better, as in the DPO paper), with "
@@ -69,6 +80,10 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _eval_judge(args, output_dir: Path, default: str | None):
     """The judge object or name for `hypo eval`; `llm` caches its verdicts in the output folder."""
+    import importlib.util
+
+    if not 0 <= args.judge_min_valid_fraction <= 1:
+        raise ValueError(f"--judge_min_valid_fraction must be in [0, 1], got {args.judge_min_valid_fraction}")
     if args.judge != "llm":
         if args.judge_template:
             raise ValueError("--judge_template applies to --judge llm")
@@ -77,10 +92,13 @@ def _eval_judge(args, output_dir: Path, default: str | None):
 
     if not args.judge_base_url or not args.judge_model:
         raise ValueError("--judge llm needs --judge_base_url and --judge_model")
+    if importlib.util.find_spec("openai") is None:
+        raise ValueError("--judge llm needs the openai package: pip install 'hypo[judge]'")
     return LLMJudge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
                     cache_path=output_dir / "llm_judge_cache.jsonl", seed=args.seed,
                     max_retries=args.judge_max_retries, timeout=args.judge_timeout,
-                    template=TEMPLATES[args.judge_template or "default"])
+                    template=TEMPLATES[args.judge_template or "default"], concurrency=args.judge_concurrency,
+                    parse_retries=args.judge_parse_retries)
 
 
 def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
@@ -109,7 +127,12 @@ def _eval_prompts(args, task, tokenizer) -> tuple[list[dict], list[str] | None]:
 def run_eval(argv: list[str]) -> int:
     import torch
 
-    from hypo.evaluation.held_out import evaluate_policy, format_summary, write_eval_results
+    from hypo.evaluation.held_out import (
+        evaluate_policy,
+        format_summary,
+        win_rate_withheld,
+        write_eval_results,
+    )
     from hypo.evaluation.llm_judge import JudgeEndpointError
     from hypo.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
     from hypo.models.reference import Reference, freeze
@@ -133,20 +156,34 @@ def run_eval(argv: list[str]) -> int:
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                                   baseline=baseline, baseline_texts=baseline_texts, baseline_name=baseline_name,
                                   temperature=args.temperature, top_p=args.top_p,
-                                  cache_implementation=args.cache_implementation)
+                                  cache_implementation=args.cache_implementation,
+                                  min_valid_fraction=args.judge_min_valid_fraction)
     except JudgeEndpointError as error:
         print(f"hypo eval: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if callable(getattr(judge, "close", None)):
+            judge.close()
     results["settings"].update(model=args.model, reference=args.reference or "embedded default",
                                prompts=args.baseline_dataset or args.prompts or str(task.eval_prompts),
                                max_prompt_length=args.max_prompt_length)
     if args.judge == "llm":
         results["settings"].update(judge_base_url=args.judge_base_url, judge_api_key_env=args.judge_api_key_env,
-                                   judge_template=args.judge_template or "default")
+                                   judge_template=args.judge_template or "default",
+                                   judge_concurrency=args.judge_concurrency,
+                                   judge_parse_retries=args.judge_parse_retries)
     path = write_eval_results(results, out)
     for line in format_summary(results["metrics"], results["settings"]):
         print(line)
+    if args.judge == "llm":  # this run's traffic (a rerun answered from the cache sends nothing)
+        print(f"LLM judge: {judge.requests} requests, {judge.unreadable_replies} replies without a verdict "
+              f"(each answered with the format and asked again, up to {args.judge_parse_retries} times), "
+              f"{judge.invalid} invalid judgments")
     print(f"results: {path} (report: {path.parent / 'eval_report.md'})")
+    withheld = win_rate_withheld(results["metrics"], results["settings"])
+    if withheld:  # the samples and every other number are written; the win rate alone is not reported
+        print(f"hypo eval: {withheld}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -12,12 +12,16 @@ dataset (one per prompt, compared with each policy sample); the KL is always to 
 Judges: gold judges and reward models score each completion (`judge/*_score` with standard errors,
 win = higher score), pairwise judges (the LLM judge) only compare.
 Uncertainty is taken across prompts (samples of one prompt are not independent): mean +- standard
-error, and a 95% normal interval for the win rate. Ties count as half a win.
+error, and a 95% normal interval for the win rate. Ties count as half a win. A judgment the judge could not
+give (an LLM judge's unreadable replies: `win` None) is neither a win, a loss nor a tie: the win rate, its
+interval and the tie rate are over valid judgments only, `num_invalid` / `invalid_rate` count the others, and
+below `min_valid_fraction` valid judgments no win rate is reported at all (`win_rate_withheld`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,9 @@ from hypo.sampling.generate import generate_completions, resolve_cache_implement
 
 KL_ON_JUDGED_SAMPLES = "the judged policy samples (temperature 1, no truncation)"
 KL_ON_SEPARATE_SAMPLES = "separate policy samples at temperature 1, no truncation (not the judged ones)"
+MIN_VALID_FRACTION = 0.9
+"""The default least fraction of valid judgments with which a win rate is reported (`hypo eval
+--judge_min_valid_fraction`): unreadable verdicts left out of more than a tenth of the comparisons could bias it."""
 
 
 def prompt_text(prompt: str | list[dict]) -> str:
@@ -125,10 +132,12 @@ def _rows(items: list[dict], start: int, num_samples: int, scored: dict[str, lis
 
 
 def judge_rows(judge, rows: list[dict[str, Any]]) -> None:
-    """Add `win` (1 policy better, 0 baseline better, 0.5 tie) to each row, and `policy_score` /
-    `reference_score` when the judge scores single completions (pairwise judges only compare).
+    """Add `win` (1 policy better, 0 baseline better, 0.5 tie, None for an invalid judgment) to each row, and
+    `policy_score` / `reference_score` when the judge scores single completions (pairwise judges only compare).
 
-    Judges with `score_batch(prompts, completions)` (reward models) are called once per side.
+    Judges with `score_batch(prompts, completions)` (reward models) are called once per side; judges with
+    `judge_all(items)` (the LLM judge: concurrent requests) once for all rows, an invalid judgment's row also
+    getting the judge's last reply (`judge_reply`).
     """
     from hypo.evaluation.judges import compare, score_all
 
@@ -139,6 +148,13 @@ def judge_rows(judge, rows: list[dict[str, Any]]) -> None:
         for row, a, b in zip(rows, policy_scores, reference_scores, strict=True):
             row.update(policy_score=a, reference_score=b, win=1.0 if a > b else 0.0 if a < b else 0.5)
         return
+    if callable(getattr(judge, "judge_all", None)):
+        judgments = judge.judge_all([(r["prompt"], r["policy_text"], r["reference_text"]) for r in rows])
+        for row, judgment in zip(rows, judgments, strict=True):
+            row["win"] = judgment.win
+            if judgment.win is None:
+                row["judge_reply"] = judgment.reply
+        return
     for row in rows:
         row["win"] = compare(judge, row["prompt"], row["policy_text"], row["reference_text"])
 
@@ -147,7 +163,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
                     max_new_tokens: int, batch_size: int, seed: int, baseline=None,
                     baseline_texts: list[str] | None = None, baseline_name: str = "reference",
                     temperature: float = 1.0, top_p: float = 1.0,
-                    cache_implementation: str = "auto", baseline_samples: dict | None = None) -> dict[str, Any]:
+                    cache_implementation: str = "auto", baseline_samples: dict | None = None,
+                    min_valid_fraction: float = MIN_VALID_FRACTION) -> dict[str, Any]:
     """Evaluate `policy` against `reference` (a `hypo.models.reference.Reference`) on tokenized prompt items.
 
     The reverse KL is always to the reference, estimated on temperature-1 policy samples. The judge (a
@@ -157,7 +174,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
     estimated on separate temperature-1 samples (settings: `kl_samples`). The global RNG state is restored
     afterwards, so evaluating during training does not change the training run. `baseline_samples`: a dict
     kept across calls, in which the frozen baseline's samples are drawn once (the same samples a call
-    without it draws).
+    without it draws). `min_valid_fraction`: see `summarize`.
     """
     from hypo.data.batches import PromptCollator
     from hypo.evaluation.judges import get_judge
@@ -193,7 +210,10 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
                 "top_p": top_p, "kl_samples": KL_ON_SEPARATE_SAMPLES if separate else KL_ON_JUDGED_SAMPLES,
                 "stop_token_ids": stop_token_ids(policy, tokenizer),
                 "cache_implementation": resolve_cache_implementation(cache_implementation, device), "seed": seed}
-    return {"metrics": summarize(rows, judge_impl is not None), "samples": rows, "settings": settings}
+    if judge_impl is not None:
+        settings["judge_min_valid_fraction"] = min_valid_fraction
+    metrics = summarize(rows, judge_impl is not None, min_valid_fraction=min_valid_fraction)
+    return {"metrics": metrics, "samples": rows, "settings": settings}
 
 
 def _per_prompt_means(rows: list[dict], key: str) -> list[float]:
@@ -203,8 +223,16 @@ def _per_prompt_means(rows: list[dict], key: str) -> list[float]:
     return [sum(v) / len(v) for v in groups.values()]
 
 
-def summarize(rows: list[dict], judged: bool) -> dict[str, float]:
-    """Means with standard errors across prompts (sample counts included)."""
+def summarize(rows: list[dict], judged: bool, *, min_valid_fraction: float = MIN_VALID_FRACTION) -> dict[str, float]:
+    """Means with standard errors across prompts (sample counts included). Judged: `num_invalid` and
+    `invalid_rate` (judgments with `win` None), and over the valid judgments only the win rate (per-prompt
+    means over each prompt's valid judgments, a prompt with none left out), its 95% interval across prompts
+    and the tie rate; the win rate is left out when fewer than `min_valid_fraction` of the judgments (or none)
+    are valid.
+
+    Example: wins [1, None, 0.5] of one prompt and [0] of another: num_invalid 1, invalid_rate 0.25; per-prompt
+    means [0.75, 0] -> win rate 0.375, tie rate 1/3 (reported with min_valid_fraction 0.75, withheld at 0.9).
+    """
     metrics: dict[str, float] = {"num_prompts": len({r["prompt_index"] for r in rows}), "num_completions": len(rows)}
     for name, key in (("objective/kl", "k1"), ("objective/kl_k3", "k3"), ("completions/mean_length", "policy_length"),
                       ("completions/eos_rate", "policy_eos"), ("reference/mean_length", "reference_length")):
@@ -213,10 +241,26 @@ def summarize(rows: list[dict], judged: bool) -> dict[str, float]:
         for name, key in (("judge/policy_score", "policy_score"), ("judge/reference_score", "reference_score")):
             metrics[name], metrics[f"{name}_se"] = mean_and_se(_per_prompt_means(rows, key))
     if judged:
-        rate, low, high = win_rate_interval(_per_prompt_means(rows, "win"))
-        metrics.update({"win_rate": rate, "win_rate_ci_low": low, "win_rate_ci_high": high,
-                        "tie_rate": sum(r["win"] == 0.5 for r in rows) / len(rows)})
+        valid = [r for r in rows if r["win"] is not None]
+        num_invalid = len(rows) - len(valid)
+        metrics.update(num_invalid=num_invalid, invalid_rate=num_invalid / len(rows) if rows else math.nan)
+        if valid and len(valid) >= min_valid_fraction * len(rows):
+            rate, low, high = win_rate_interval(_per_prompt_means(valid, "win"))
+            metrics.update({"win_rate": rate, "win_rate_ci_low": low, "win_rate_ci_high": high,
+                            "tie_rate": sum(r["win"] == 0.5 for r in valid) / len(valid)})
     return metrics
+
+
+def win_rate_withheld(metrics: dict[str, float], settings: dict[str, Any] | None = None) -> str | None:
+    """Why a judged evaluation reports no win rate (too few valid judgments), naming the counts; None if it
+    reports one or was not judged."""
+    if "win_rate" in metrics or "num_invalid" not in metrics or not metrics.get("num_completions"):
+        return None
+    total, invalid = int(metrics["num_completions"]), int(metrics["num_invalid"])
+    least = (settings or {}).get("judge_min_valid_fraction", MIN_VALID_FRACTION)
+    return (f"win rate withheld: {total - invalid} of {total} judgments valid ({(total - invalid) / total:.0%}), "
+            f"fewer than the {least:.0%} required (--judge_min_valid_fraction); {invalid} judgments had no "
+            "readable verdict (win null in eval_samples.jsonl, with the judge's last reply)")
 
 
 def write_eval_results(results: dict[str, Any], output_dir: str | Path) -> Path:
@@ -270,9 +314,15 @@ def format_summary(metrics: dict[str, float], settings: dict[str, Any] | None = 
         line = (f"  {judge_label(settings)} win rate vs {baseline}  {metrics['win_rate']:.3f} "
                 f"[{metrics['win_rate_ci_low']:.3f}, {metrics['win_rate_ci_high']:.3f}] 95% CI, "
                 f"ties {metrics['tie_rate']:.2f}")
+        if metrics.get("num_invalid"):
+            line += (f", over {int(metrics['num_completions'] - metrics['num_invalid'])} valid judgments "
+                     f"({int(metrics['num_invalid'])} invalid)")
         if "judge/policy_score" in metrics:
             line += f"; judge score {metrics['judge/policy_score']:.3f} vs {metrics['judge/reference_score']:.3f}"
         lines.append(line)
+    withheld = win_rate_withheld(metrics, settings)
+    if withheld:
+        lines.append(f"  {judge_label(settings)} {withheld}")
     return lines
 
 

@@ -43,20 +43,23 @@ class Judge(Protocol):
 
 @runtime_checkable
 class PairwiseJudge(Protocol):
-    """A judge that only compares: `compare(prompt, a, b)` is 1.0 if `a` is better, 0.0 if `b`, 0.5 a tie."""
+    """A judge that only compares: `compare(prompt, a, b)` is 1.0 if `a` is better, 0.0 if `b`, 0.5 a tie, and
+    None when it could not judge (an invalid judgment)."""
 
     name: str
 
-    def compare(self, prompt: str, completion_a: str, completion_b: str) -> float: ...
+    def compare(self, prompt: str, completion_a: str, completion_b: str) -> float | None: ...
 
 
-def compare(judge: Judge | PairwiseJudge, prompt: str, completion_a: str, completion_b: str) -> float:
+def compare(judge: Judge | PairwiseJudge, prompt: str, completion_a: str, completion_b: str) -> float | None:
     """1.0 if the judge scores `completion_a` higher, 0.0 if `completion_b`, 0.5 on an exact tie.
 
-    A judge with its own `compare` method (a pairwise judge) decides directly.
+    A judge with its own `compare` method (a pairwise judge) decides directly; it may return None when it
+    could not judge (an invalid judgment, neither a win, a loss nor a tie).
     """
     if callable(getattr(judge, "compare", None)):
-        return float(judge.compare(prompt, completion_a, completion_b))
+        win = judge.compare(prompt, completion_a, completion_b)
+        return None if win is None else float(win)
     score_a = judge.score(prompt, completion_a)
     score_b = judge.score(prompt, completion_b)
     if score_a > score_b:

@@ -93,6 +93,9 @@ def table_row(run: Run) -> list[str]:
     m, c = run.eval_metrics, run.config
     win = "-" if "win_rate" not in m else \
         f"{_num(m['win_rate'])} [{_num(m['win_rate_ci_low'])}, {_num(m['win_rate_ci_high'])}]"
+    if m.get("num_invalid"):  # judgments without a readable verdict: the win rate is over the others, or withheld
+        valid = f"{int(m['num_completions'] - m['num_invalid'])}/{int(m['num_completions'])} valid"
+        win = f"withheld ({valid})" if "win_rate" not in m else f"{win} ({valid})"
     counts = f"{int(m['num_prompts'])} / {int(m['num_completions'])}" if "num_prompts" in m else "-"
     kl_coef = _num(c.get("kl_coef")) if c.get("method") == "hypo" else "-"
     return [run.name, str(c.get("method", "-")), _num(c.get("beta")), kl_coef, str(run.steps), win,
@@ -174,7 +177,8 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path = "report") 
     lines = ["# hypo report", "", f"{len(runs)} runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
              markdown_table(runs), "",
              "Win rate: policy against the reference under the judge, ties count half, 95% normal interval "
-             "across prompts. Scores, KL, length and EOS rate: mean ± standard error across prompts. "
+             "across prompts, over valid judgments (their count shown when some had no readable verdict). "
+             "Scores, KL, length and EOS rate: mean ± standard error across prompts. "
              "Train time: sum of `time/step` over the logged steps.", "",
              "## Training curves", "", f"![training curves]({curves.name})", ""]
     if frontier is not None:
@@ -186,6 +190,8 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path = "report") 
 
 def eval_report_markdown(results: dict[str, Any], num_examples: int = 3) -> str:
     """`eval_report.md` of one evaluation: metrics with uncertainty and counts, settings, a few samples."""
+    from hypo.evaluation.held_out import judge_label, win_rate_withheld
+
     m, settings = results["metrics"], results["settings"]
     baseline = "reference" if settings.get("baseline", "reference") == "reference" else "baseline"
     n = f"{int(m['num_prompts'])} prompts"
@@ -194,24 +200,34 @@ def eval_report_markdown(results: dict[str, Any], num_examples: int = 3) -> str:
             ("policy mean length (tokens)", _pm(m, "completions/mean_length", 1), n),
             ("policy EOS rate", _pm(m, "completions/eos_rate", 2), n),
             (f"{baseline} mean length (tokens)", _pm(m, "reference/mean_length", 1), n)]
+    pairs = valid = f"{n}, {int(m['num_completions'])} pairs"
+    if m.get("num_invalid") or ("num_invalid" in m and judge_label(settings) == "LLM"):  # judges that can fail to read
+        valid = f"{n}, {int(m['num_completions'] - m['num_invalid'])} valid pairs"
+        rows.append(("invalid judgments (no readable verdict)",
+                     f"{int(m['num_invalid'])} ({_num(m['invalid_rate'])})", pairs))
     if "win_rate" in m:
-        pairs = f"{n}, {int(m['num_completions'])} pairs"
         rows.append((f"win rate vs {baseline} [95% CI]",
-                     f"{_num(m['win_rate'])} [{_num(m['win_rate_ci_low'])}, {_num(m['win_rate_ci_high'])}]", pairs))
-        rows.append(("tie rate", _num(m["tie_rate"]), pairs))
+                     f"{_num(m['win_rate'])} [{_num(m['win_rate_ci_low'])}, {_num(m['win_rate_ci_high'])}]", valid))
+        rows.append(("tie rate", _num(m["tie_rate"]), valid))
+    elif "num_invalid" in m:
+        rows.append((f"win rate vs {baseline} [95% CI]", "withheld: too few valid judgments", valid))
     if "judge/policy_score" in m:
         rows += [("judge score, policy", _pm(m, "judge/policy_score"), n),
                  (f"judge score, {baseline}", _pm(m, "judge/reference_score"), n)]
     lines = ["# Evaluation", "", "| metric | value | n |", "| --- | --- | --- |"]
     lines += [f"| {name} | {value} | {count} |" for name, value, count in rows]
     lines += ["", "Mean ± standard error across prompts (the samples of one prompt are averaged first); win rate "
-              "of the policy against the baseline under the judge, ties counted half, 95% normal interval. "
-              f"Baseline: `{settings.get('baseline', 'reference')}`.", "",
-              "## Settings", ""]
+              "of the policy against the baseline under the judge, ties counted half, 95% normal interval, over "
+              "valid judgments only (an invalid one, whose judge replies had no readable verdict, is neither a "
+              f"win, a loss nor a tie). Baseline: `{settings.get('baseline', 'reference')}`.", ""]
+    withheld = win_rate_withheld(m, settings)
+    if withheld:
+        lines += [f"**{withheld[0].upper()}{withheld[1:]}.**", ""]
+    lines += ["## Settings", ""]
     lines += [f"- {key}: `{value}`" for key, value in settings.items()]
     lines += ["", "## Examples", ""]
     for row in results["samples"][:num_examples]:
-        verdict = f" (win {row['win']})" if "win" in row else ""
+        verdict = "" if "win" not in row else " (invalid judgment)" if row["win"] is None else f" (win {row['win']})"
         lines += [f"**Prompt:** {_quote(row['prompt'])}", "", f"- policy{verdict}: {_quote(row['policy_text'])}",
                   f"- {baseline}: {_quote(row['reference_text'])}", ""]
     return "\n".join(lines)
