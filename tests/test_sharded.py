@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import build_model
+from conftest import build_model, free_port
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 PYTHONPATH = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"),
@@ -33,10 +33,10 @@ def _run(command: list[str], **env) -> None:
 def test_fsdp2_sharded_policy_and_reference_train_save_and_evaluate_like_one_process(tiny_model_dir, tiny_task, tmp_path):
     files = [str(tiny_model_dir), str(tiny_task["pairs"]), str(tiny_task["prompts"]), str(tiny_task["eval_prompts"])]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29547", str(WORKER), str(tmp_path / "sharded"),
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(WORKER), str(tmp_path / "sharded"),
           *files, "sharded"])
     _run([sys.executable, str(WORKER), str(tmp_path / "single"), *files, "single"],
-         MASTER_ADDR="127.0.0.1", MASTER_PORT="29548", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "model").state_dict()
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "model").state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()

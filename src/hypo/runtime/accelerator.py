@@ -17,8 +17,11 @@ def make_accelerator(*, mixed_precision: str, trackers: list[str], project_dir: 
 
     precision = resolve_mixed_precision(mixed_precision)
     forget_other_precision(precision)
-    return Accelerator(log_with=trackers or None, project_dir=str(project_dir), cpu=multi_process_cpu(),
-                       mixed_precision=precision)
+    accelerator = Accelerator(log_with=trackers or None, project_dir=str(project_dir), cpu=multi_process_cpu(),
+                              mixed_precision=precision)
+    if accelerator.num_processes > 1:
+        close_process_groups_at_exit()
+    return accelerator
 
 
 def multi_process_cpu() -> bool:
@@ -33,3 +36,41 @@ def seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 
     set_seed(seed)
+
+
+def close_process_groups(*, after_error: bool = False) -> None:
+    """Destroy every process group (the default one and those of device meshes, e.g. FSDP2's) and forget
+    accelerate's process state, then collect what held them, while the interpreter is fully alive.
+
+    Left to the interpreter's exit, a group's worker threads may still hold work objects whose tensors need the
+    Python runtime that is being torn down: the process then aborts (SIGABRT, "terminate called without an
+    active exception") after all its outputs were written. A later `Accelerator` starts afresh. After an error
+    that one process may have met alone, the others may wait inside a collective: there only gloo groups are
+    destroyed (destroying an NCCL communicator can block; the launcher ends the processes)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if after_error and dist.get_backend() != "gloo":
+            return
+        dist.destroy_process_group()  # no argument: every group, the device meshes' included
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    gc.collect()  # the groups held by sharded modules no longer referenced are released now, not at exit
+
+
+_close_at_exit_registered = False
+
+
+def close_process_groups_at_exit() -> None:
+    """Close the process groups when the interpreter exits (before it tears itself down), once per process: a
+    Python user may call `hypo.train` several times in one process under torchrun, each reusing the group."""
+    global _close_at_exit_registered
+    if not _close_at_exit_registered:
+        import atexit
+
+        atexit.register(close_process_groups)
+        _close_at_exit_registered = True
