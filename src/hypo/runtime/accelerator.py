@@ -24,10 +24,16 @@ def make_accelerator(*, mixed_precision: str, trackers: list[str], project_dir: 
     return accelerator
 
 
+def launched_num_processes() -> int:
+    """How many processes the launcher started (torchrun and `accelerate launch` set WORLD_SIZE), known before
+    the accelerator is made."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def multi_process_cpu() -> bool:
     """Several processes without a GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
     host): accelerate then needs cpu=True to set up gloo data parallelism."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return not torch.cuda.is_available() and launched_num_processes() > 1
 
 
 def seed_everything(seed: int) -> None:
