@@ -21,7 +21,7 @@ from conftest import build_model, free_port
 WORKER = Path(__file__).with_name("sharded_worker.py")
 PYTHONPATH = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"),
                              os.environ.get("PYTHONPATH", "")])  # this checkout's hypo, not an installed one
-TIMEOUT_S = 240  # each run takes about 10-20 s on 2 cores
+TIMEOUT_S = int(os.environ.get("HYPO_TEST_TIMEOUT_S", "240"))  # each run takes about 10-20 s on 2 quiet cores
 
 
 def _run(command: list[str], **env) -> None:
