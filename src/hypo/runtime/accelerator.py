@@ -18,7 +18,7 @@ def make_accelerator(*, mixed_precision: str, trackers: list[str], project_dir: 
     precision = resolve_mixed_precision(mixed_precision)
     forget_other_precision(precision)
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(project_dir), cpu=multi_process_cpu(),
-                              mixed_precision=precision)
+                              mixed_precision=precision, kwargs_handlers=deepspeed_on_cpu_handlers())
     if accelerator.num_processes > 1:
         close_process_groups_at_exit()
     return accelerator
@@ -30,10 +30,27 @@ def launched_num_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def uses_deepspeed_launcher() -> bool:
+    """`accelerate launch` with a DeepSpeed config (it sets ACCELERATE_USE_DEEPSPEED for every process)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_on_cpu_handlers() -> list:
+    """DeepSpeed on several processes without a GPU (DeepSpeed's CPU accelerator): accelerate needs the gloo
+    backend named, otherwise it counts one process of rank 0 in each (every process then writes as the main
+    one and averages are sums)."""
+    if not (uses_deepspeed_launcher() and not torch.cuda.is_available() and launched_num_processes() > 1):
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
 def multi_process_cpu() -> bool:
     """Several processes without a GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a CPU
-    host): accelerate then needs cpu=True to set up gloo data parallelism."""
-    return not torch.cuda.is_available() and launched_num_processes() > 1
+    host): accelerate then needs cpu=True to set up gloo data parallelism. Not under DeepSpeed, which accelerate
+    drops with cpu=True: DeepSpeed's CPU accelerator sets up its own (gloo) process group."""
+    return not torch.cuda.is_available() and launched_num_processes() > 1 and not uses_deepspeed_launcher()
 
 
 def seed_everything(seed: int) -> None:
