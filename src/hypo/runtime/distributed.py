@@ -91,8 +91,9 @@ def zero3_hooks_removed(engine: Any):
     with them each forward of a generation would release (re-partition) the gathered weights and the next one
     gather them again, a collective per decoding step that hangs when processes stop at different lengths.
     The hooks are registered again afterwards, with the parameter coordinator's recorded trace invalidated (its
-    prefetch order no longer matches). TRL's `remove_hooks` / `add_hooks` do the same. Nothing to do for
-    anything but a ZeRO-3 engine."""
+    prefetch order no longer matches). TRL's `remove_hooks` / `add_hooks` do the same, except for the root's
+    start-of-forward hook, which TRL keeps (all its processes generate together). Nothing to do for anything but
+    a ZeRO-3 engine."""
     offload = zero3_parameter_offload(engine)
     if offload is None:
         yield
@@ -102,9 +103,15 @@ def zero3_hooks_removed(engine: Any):
     for hook in [*offload.forward_hooks, *offload.backward_hooks]:
         hook.remove()
     offload.forward_hooks, offload.backward_hooks = [], []
+    # the root's start-of-forward hook checks that every process is at the same step (a collective): with it a
+    # process that generates alone (the main process evaluating) waits for the others forever
+    start_of_forward = offload.module._forward_pre_hooks.get(offload.fwd_pre_hook.id)
+    offload.fwd_pre_hook.remove()
     try:
         yield
     finally:
+        if start_of_forward is not None:
+            offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_of_forward, prepend=True)
         coordinator = getattr(offload, "param_coordinator", None)
         if coordinator is not None and not coordinator.is_invalid_trace():
             coordinator._invalidate_trace()
