@@ -74,6 +74,16 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free now, for the rendezvous of a multi-process test: a fixed port fails when another
+    checkout runs the same test on the machine at the same time."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

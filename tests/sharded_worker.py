@@ -125,4 +125,7 @@ def main(out: str, model: str, pairs: str, prompts: str, eval_prompts: str, mode
 
 
 if __name__ == "__main__":
+    from hypo.runtime.accelerator import close_process_groups
+
     main(*sys.argv[1:7])
+    close_process_groups()  # as `hypo train` does before it exits: left to the exit, gloo can abort the process

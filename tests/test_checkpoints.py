@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_train import FAST, _weights
 
+from conftest import free_port
 from hypo.config import HyPOConfig
 from hypo.training.trainer import train
 
@@ -33,7 +34,7 @@ def _command(options: dict, processes: int = 1) -> list[str]:
     if processes > 1:
         args = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
                 str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--num_cpu_threads_per_process", "1", "--main_process_port", "29541", "-m", "hypo.cli", "train"]
+                "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), "-m", "hypo.cli", "train"]
     for key, value in options.items():
         args += [f"--{key}", str(value)]
     return args

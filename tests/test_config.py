@@ -62,6 +62,16 @@ def test_one_generation_warns_about_missing_baseline():
         HyPOConfig(num_generations=1)
 
 
+def test_config_warnings_point_at_the_line_that_made_the_config():
+    """Not at the dataclass's generated __init__ (`<string>`): the user's own line."""
+    import inspect
+
+    with pytest.warns(UserWarning) as caught:
+        line = inspect.currentframe().f_lineno + 1
+        HyPOConfig(num_generations=1, dtype="bfloat16")
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)] * 2
+
+
 def test_yaml_file_then_flags_override(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("method: dpo\nbeta: 0.25\nmax_steps: 7\nuse_peft: true\n")

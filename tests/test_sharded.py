@@ -16,12 +16,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import build_model
+from conftest import build_model, free_port
+from hypo.config import HyPOConfig
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 PYTHONPATH = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"),
                              os.environ.get("PYTHONPATH", "")])  # this checkout's hypo, not an installed one
-TIMEOUT_S = 240  # each run takes about 10-20 s on 2 cores
+TIMEOUT_S = int(os.environ.get("HYPO_TEST_TIMEOUT_S", "240"))  # each run takes about 10-20 s on 2 quiet cores
 
 
 def _run(command: list[str], **env) -> None:
@@ -33,10 +34,10 @@ def _run(command: list[str], **env) -> None:
 def test_fsdp2_sharded_policy_and_reference_train_save_and_evaluate_like_one_process(tiny_model_dir, tiny_task, tmp_path):
     files = [str(tiny_model_dir), str(tiny_task["pairs"]), str(tiny_task["prompts"]), str(tiny_task["eval_prompts"])]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29547", str(WORKER), str(tmp_path / "sharded"),
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(WORKER), str(tmp_path / "sharded"),
           *files, "sharded"])
     _run([sys.executable, str(WORKER), str(tmp_path / "single"), *files, "single"],
-         MASTER_ADDR="127.0.0.1", MASTER_PORT="29548", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "model").state_dict()
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "model").state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
@@ -128,17 +129,94 @@ def test_deepspeed_gets_the_loops_micro_batch_and_accumulation():
     assert deepspeed_batch_settings(recipe, micro_batch=4, accumulation=8) == {"gradient_accumulation_steps": 8}
 
 
-def test_under_deepspeed_only_the_last_micro_step_ends_an_accumulation():
+class StandInEngine:
+    """A DeepSpeed engine's calls as the loop makes them, recorded (DeepSpeed itself: tests/test_deepspeed.py)."""
+
+    def __init__(self, stage: int = 3, grad_norm: float = 1.5):
+        self.calls, self.stage, self.grad_norm = [], stage, grad_norm
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self.calls.append(("boundary", is_boundary))
+
+    def backward(self, loss, **kwargs):
+        self.calls.append(("backward", kwargs))
+
+    def step(self):
+        self.calls.append(("step",))
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+    def fp16_enabled(self):
+        return False
+
+    def get_global_grad_norm(self):
+        return self.grad_norm
+
+
+def _deepspeed_accelerator(engine):
     from types import SimpleNamespace
 
     from accelerate import DistributedType
 
-    from hypo.training.backward import deepspeed_micro_step
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                           deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
 
-    marks = []
-    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                                gradient_state=SimpleNamespace(_set_sync_gradients=marks.append))
-    options = [deepspeed_micro_step(deepspeed, last_micro=micro == 3) for micro in range(4)]
-    assert marks == [False, False, False, True]  # accelerate steps the engine on the last backward only
-    assert options == [{"scale_wrt_gas": False}] * 4  # the loop divides by the accumulation itself
-    assert deepspeed_micro_step(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), last_micro=False) == {}
+
+def test_under_deepspeed_the_last_micro_step_ends_an_accumulation_and_backward_never_steps():
+    from hypo.training.backward import backward
+
+    engine = StandInEngine()
+    for micro in range(3):
+        backward(_deepspeed_accelerator(engine), torch.tensor(1.0), last_micro=micro == 2)
+    assert engine.calls == [("boundary", False), ("backward", {"scale_wrt_gas": False}), ("boundary", False),
+                            ("backward", {"scale_wrt_gas": False}), ("boundary", True),
+                            ("backward", {"scale_wrt_gas": False})]  # the loop divides by the accumulation itself
+
+
+def test_under_deepspeed_the_engine_steps_only_after_the_non_finite_check(monkeypatch):
+    deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (pip install hypo[deepspeed])")
+
+    from hypo.training.backward import deepspeed_optimizer_step
+
+    grads = {"value": torch.ones(3)}
+    monkeypatch.setattr(deepspeed.utils, "safe_get_local_grad", lambda parameter: grads["value"])  # ZeRO-3's parts
+    engine = StandInEngine()
+    engine.module = torch.nn.Linear(2, 1)
+    accelerator = _deepspeed_accelerator(engine)
+    assert deepspeed_optimizer_step(accelerator, torch.ones(2)) == (1.5, None) and engine.calls == [("step",)]
+    engine.calls.clear()
+    _, problem = deepspeed_optimizer_step(accelerator, torch.tensor([1.0, 0.0]))  # a non-finite online loss
+    assert problem == "the online (kl) loss" and engine.calls == []  # the engine did not step
+    grads["value"] = torch.tensor([1.0, float("nan"), 0.0])  # finite losses, a non-finite gradient
+    _, problem = deepspeed_optimizer_step(accelerator, torch.ones(2))
+    assert problem == "the gradient norm" and engine.calls == []
+
+
+def test_deepspeed_clips_at_max_grad_norm():
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from hypo.training.backward import configure_deepspeed
+
+    recipe = json.loads((Path(__file__).parents[1] / "recipes" / "accelerate" / "zero3.json").read_text())
+    plugin = SimpleNamespace(deepspeed_config=recipe)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+    configure_deepspeed(accelerator, HyPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                                                max_grad_norm=0.5))
+    assert recipe["gradient_clipping"] == 0.5
+    configure_deepspeed(accelerator, HyPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                                                max_grad_norm=0))
+    assert recipe["gradient_clipping"] == 0.0  # DeepSpeed's "off"
+
+
+def test_the_zero3_recipe_lets_accelerate_gather_the_weights_it_saves():
+    """accelerate's `get_state_dict` (checkpoints, the final model, the vLLM push) refuses a ZeRO-3 model whose
+    config does not gather 16-bit weights on save."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = Path(__file__).parents[1] / "recipes" / "accelerate" / "zero3.json"
+    plugin = DeepSpeedPlugin(hf_ds_config=str(path))  # as `accelerate launch --deepspeed_config_file` reads it
+    assert plugin.hf_ds_config.config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert plugin.zero_stage == 3  # the whole path, trained and saved for real: tests/test_deepspeed.py

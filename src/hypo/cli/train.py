@@ -54,20 +54,33 @@ def parse_train_args(argv: list[str]) -> HyPOConfig:
 
 
 def run_train(argv: list[str]) -> int:
-    from hypo.evaluation.held_out import format_summary
+    from hypo.runtime.accelerator import close_process_groups
     from hypo.training.stopping import NonFiniteError, TrainingInterrupted
     from hypo.training.trainer import train
 
     config = parse_train_args(argv)
+    agreed = False  # ended as every process did: finished, stopped by a signal, or a non-finite step
     try:
         result = train(config)
+        agreed = True
     except TrainingInterrupted as stop:
+        agreed = True
         print(f"\nhypo train: {stop}\n  resume with: hypo train --resume_from_checkpoint {stop.checkpoint}",
               file=sys.stderr)
         return stop.exit_code
     except NonFiniteError as error:
+        agreed = True
         print(f"hypo train: error: {error}", file=sys.stderr)
         return 1
+    finally:  # the command exits next: close the process groups while the interpreter is fully alive
+        close_process_groups(after_error=not agreed)
+    return summarize(config, result)
+
+
+def summarize(config: HyPOConfig, result) -> int:
+    """Print where a finished run's model, metrics and results are (main process only)."""
+    from hypo.evaluation.held_out import format_summary
+
     if not result.is_main_process:
         return 0
     m, settings = result.final_metrics, (result.eval or {}).get("settings")

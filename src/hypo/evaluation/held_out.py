@@ -339,7 +339,7 @@ def evaluate_during_training(accelerator, policy, reference, tokenizer, data, co
     from hypo.runtime.distributed import gathered_for_generation
 
     results = None
-    with gathered_for_generation(accelerator.unwrap_model(policy)) as model, reference.gathered():
+    with gathered_for_generation(accelerator.unwrap_model(policy), policy) as model, reference.gathered():
         if accelerator.is_main_process:
             limit = config.eval_max_prompts if final else \
                 (config.eval_max_prompts_during_training or config.eval_max_prompts)

@@ -48,10 +48,12 @@ def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tens
 
 
 @contextmanager
-def gathered_for_generation(model: torch.nn.Module):
+def gathered_for_generation(model: torch.nn.Module, engine: Any = None):
     """The full weights on every process for the duration (collective under sharding): FSDP2 modules are
-    unsharded once and kept so across forwards, ZeRO-3 parameters are gathered (TRL gathers the same way
-    for generation). Generation then runs locally, so processes may stop at different lengths."""
+    unsharded once and kept so across forwards; ZeRO-3 parameters are gathered and, with `engine` (the DeepSpeed
+    engine that partitions `model`, or `model` itself when it is one), DeepSpeed's parameter hooks are removed
+    meanwhile (`zero3_hooks_removed`, TRL's way), so no forward re-partitions or re-gathers a weight. Generation
+    then runs locally, so processes may stop at different lengths."""
     modules = fsdp_modules(model)
     if modules:
         settings = [_reshard_setting(module) for module in modules]
@@ -68,10 +70,52 @@ def gathered_for_generation(model: torch.nn.Module):
     if is_zero3(model):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        with deepspeed.zero.GatheredParameters(list(model.parameters())), zero3_hooks_removed(engine or model):
             yield model
         return
     yield model
+
+
+def zero3_parameter_offload(engine: Any):
+    """The object that holds a ZeRO-3 engine's parameter hooks: its optimizer's `parameter_offload`, or (an engine
+    without optimizer, such as the reference's) the `DeepSpeedZeRoOffload` DeepSpeed keeps as its optimizer;
+    None for anything else."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    return offload if hasattr(offload, "forward_hooks") and hasattr(offload, "module") else None
+
+
+@contextmanager
+def zero3_hooks_removed(engine: Any):
+    """Without DeepSpeed's ZeRO-3 forward and backward hooks for the duration (the weights being gathered):
+    with them each forward of a generation would release (re-partition) the gathered weights and the next one
+    gather them again, a collective per decoding step that hangs when processes stop at different lengths.
+    The hooks are registered again afterwards, with the parameter coordinator's recorded trace invalidated (its
+    prefetch order no longer matches). TRL's `remove_hooks` / `add_hooks` do the same, except for the root's
+    start-of-forward hook, which TRL keeps (all its processes generate together). Nothing to do for anything but
+    a ZeRO-3 engine."""
+    offload = zero3_parameter_offload(engine)
+    if offload is None:
+        yield
+        return
+    for parameter in offload.module.parameters():
+        parameter.ds_active_sub_modules.clear()
+    for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    # the root's start-of-forward hook checks that every process is at the same step (a collective): with it a
+    # process that generates alone (the main process evaluating) waits for the others forever
+    start_of_forward = offload.module._forward_pre_hooks.get(offload.fwd_pre_hook.id)
+    offload.fwd_pre_hook.remove()
+    try:
+        yield
+    finally:
+        if start_of_forward is not None:
+            offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_of_forward, prepend=True)
+        coordinator = getattr(offload, "param_coordinator", None)
+        if coordinator is not None and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        offload._register_deepspeed_module(offload.module)
 
 
 def _reshard_setting(module) -> tuple | None:
@@ -174,4 +218,5 @@ def shard_frozen_zero3(accelerator, model: torch.nn.Module):
     config = zero3_inference_config(accelerator.state.deepspeed_plugin.deepspeed_config, hidden_size)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval returns None, unlike Module.eval
+    return engine

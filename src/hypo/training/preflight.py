@@ -1,25 +1,65 @@
 """Checks of a run's inputs before any model loads or anything is written: every row of every data
-source, the judge's name, and the model paths. A newcomer's bad row 7 costs them no model load."""
+source, the judge's name, the model paths, what the tokenizer refuses, and enough rows for one batch of
+every kind. A newcomer's bad row 7 costs them no model load."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from hypo.config import DEFAULT_MODEL, HUB_REPO_ID, HyPOConfig
-from hypo.data.sources import check_run_sources, run_sources
+from hypo.data.files import DataError
+from hypo.data.sources import RunSources, TrainingData, check_run_sources, load_training_data, run_sources
 
 
-def check_run_inputs(config: HyPOConfig) -> None:
-    """Raise a ValueError / FileNotFoundError naming the file, row and field (data), the judge, or the
-    model path that is wrong. The data and the judge are those the run will load (`run_sources`)."""
+def check_run_inputs(config: HyPOConfig, num_processes: int | None = None) -> TrainingData:
+    """Raise a ValueError / FileNotFoundError naming the file, row and field (data), the judge, the option or
+    the model path that is wrong; return the run's tokenized data. The data and the judge are those the run
+    will load (`run_sources`). Every row is first checked without a tokenizer; then the tokenizer alone (no
+    model) tokenizes them, which finds prompts that leave no room within max_length, and the usable rows
+    are counted against one batch on each of `num_processes` (default: the launcher's WORLD_SIZE)."""
+    from hypo.models.loading import load_tokenizer, resolve_model_path
+    from hypo.runtime.accelerator import launched_num_processes
+
     check_model_path(config.model_name_or_path, "model_name_or_path", config.gguf_file)
     if config.ref_model_name_or_path:
         check_model_path(config.ref_model_name_or_path, "ref_model_name_or_path")
+        if config.use_peft:
+            raise ValueError("use_peft takes the base model as the reference; drop ref_model_name_or_path")
     warn_if_checkpoint_starts_a_new_run(config)
     sources = run_sources(config)
     check_run_sources(sources, skip_bad_rows=config.skip_bad_rows)
     if sources.judge:
         check_judge(sources.judge)
+    tokenizer = load_tokenizer(resolve_model_path(config.model_name_or_path, config.gguf_file))
+    data = load_training_data(config, tokenizer)
+    check_batches(config, data, sources, launched_num_processes() if num_processes is None else num_processes)
+    return data
+
+
+def check_batches(config: HyPOConfig, data: TrainingData, sources: RunSources, num_processes: int) -> None:
+    """Every kind of batch the run draws has rows enough for one batch on each process (the loop takes full
+    batches only), and the held-out pairs one pair per process: a DataError naming the file, the count and
+    the option otherwise.
+
+    Example: 3 usable pairs, per_device_train_batch_size 2, 2 processes -> "pairs.jsonl: 3 usable pairs are
+    fewer than one batch on each process: per_device_train_batch_size 2 x 2 processes = 4 ..."
+    """
+    prompts_source = (f"{sources.pairs.path} (the distinct prompts of its pairs)" if sources.prompts_from_pairs
+                      else sources.prompts.path if sources.prompts else None)
+    batches = [(data.pairs, sources.pairs.path, "pairs", "per_device_train_batch_size",
+                config.per_device_train_batch_size)]
+    if data.prompts is not None:
+        batches.append((data.prompts, prompts_source, "prompts", "per_device_prompt_batch_size",
+                        config.per_device_prompt_batch_size))
+    for items, source, what, option, size in batches:
+        if len(items) < size * num_processes:
+            raise DataError(f"{source}: {len(items)} usable {what} are fewer than one batch on each process: "
+                            f"{option} {size} x {num_processes} process(es) = {size * num_processes}; lower "
+                            f"{option} or add {what}")
+    if data.eval_pairs is not None and len(data.eval_pairs) < num_processes:
+        raise DataError(f"{sources.eval_pairs.path}: {len(data.eval_pairs)} usable held-out pairs"
+                        f"{' (eval_max_pairs ' + str(config.eval_max_pairs) + ')' if config.eval_max_pairs else ''} "
+                        f"for {num_processes} processes: each process scores at least one")
 
 
 def check_model_path(name_or_path: str, option: str, gguf_file: str | None = None) -> None:

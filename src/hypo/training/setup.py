@@ -12,7 +12,7 @@ import torch
 
 from hypo.config import HyPOConfig, save_config
 from hypo.data.batches import PairCollator, PromptCollator, ShuffledBatches
-from hypo.data.sources import TrainingData, load_training_data
+from hypo.data.sources import TrainingData
 from hypo.models.loading import load_policy_and_reference, resolve_model_path
 from hypo.models.reference import Reference
 from hypo.models.tokens import stop_token_ids
@@ -114,7 +114,7 @@ def prepare_run(config: HyPOConfig) -> Run:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
-    check_run_inputs(config)  # every data row, the judge, the model paths
+    data = check_run_inputs(config)  # every data row, the judge, the model paths, rows per batch: tokenized data
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
     accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir)
     seed_everything(config.seed)
@@ -125,7 +125,6 @@ def prepare_run(config: HyPOConfig) -> Run:
     accelerator.wait_for_everyone()
 
     tokenizer, policy, reference = load_policy_and_reference(config, checkpoint)
-    data = load_training_data(config, tokenizer)
     start_step = checkpoint_step(checkpoint) if checkpoint else 0
     pairs, prompts = training_batches(config, data, tokenizer.pad_token_id, accelerator, start_step)
     total_steps = count_steps(config, pairs, accelerator.num_processes)

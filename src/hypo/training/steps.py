@@ -130,7 +130,7 @@ def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
             samples = ctx.vllm_sampler.generate(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
                                                 **draw)
         else:
-            with gathered_for_generation(ctx.sampler) as sampler:  # sharded: full weights once per call
+            with gathered_for_generation(ctx.sampler, ctx.policy) as sampler:  # sharded: full weights once per call
                 samples = generate_completions(sampler, prompt_batch["prompt_input_ids"],
                                                prompt_batch["prompt_attention_mask"],
                                                cache_implementation=ctx.config.cache_implementation, **draw)

@@ -40,8 +40,13 @@ class RunLogger:
             self.accelerator.log(metrics, step=step)
 
     def close(self) -> None:
+        """Finish the trackers (not `accelerator.end_training()`, which also destroys the process group that a
+        later run in the same process would reuse)."""
         if self.trackers:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
+            self.trackers = False
 
 
 def _plain(value: Any) -> Any:

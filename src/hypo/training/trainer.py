@@ -21,7 +21,7 @@ import torch
 from hypo.config import HyPOConfig
 from hypo.evaluation.held_out import evaluate_during_training
 from hypo.evaluation.pairs import evaluate_pairs
-from hypo.training.backward import deepspeed_micro_step, gradient_sync
+from hypo.training.backward import backward, deepspeed_optimizer_step, gradient_sync, uses_deepspeed
 from hypo.training.checkpoints import save_checkpoint, save_model
 from hypo.training.hub import share_trained_model
 from hypo.training.setup import Run, prepare_run
@@ -72,13 +72,12 @@ def train(config: HyPOConfig) -> RunResult:
             tokens, finite = torch.zeros((), device=accelerator.device), torch.ones(2, device=accelerator.device)
             for micro in range(ga):
                 last_micro = micro == ga - 1
-                backward_options = deepspeed_micro_step(accelerator, last_micro)  # {} unless DeepSpeed
                 # 1. offline term on a batch of pairs, backpropagated at once: its activations are freed
                 #    before sampling starts (peak memory is the larger term, not the sum)
                 with gradient_sync(accelerator, policy, sync=last_micro and not run.online):
                     offline = dpo_step(ctx, next(run.pairs))
                     if not run.one_backward:
-                        accelerator.backward(offline.loss / ga, **backward_options)
+                        backward(accelerator, offline.loss / ga, last_micro=last_micro)
                 loss, metrics, tokens = offline.loss.detach(), offline.metrics, tokens + offline.tokens
                 finite[0] *= torch.isfinite(loss)
                 # 2. (HyPO) online term: k fresh samples per prompt from the current policy
@@ -86,8 +85,8 @@ def train(config: HyPOConfig) -> RunResult:
                     with gradient_sync(accelerator, policy, sync=last_micro):
                         kl = kl_step(ctx, next(run.prompts))
                         online_loss = config.kl_coef * kl.loss  # loss = loss_dpo + lambda * loss_kl
-                        accelerator.backward((offline.loss + online_loss if run.one_backward else online_loss) / ga,
-                                             **backward_options)
+                        backward(accelerator, (offline.loss + online_loss if run.one_backward else online_loss) / ga,
+                                 last_micro=last_micro)
                     loss, metrics, tokens = loss + online_loss.detach(), {**metrics, **kl.metrics}, tokens + kl.tokens
                     finite[1] *= torch.isfinite(online_loss.detach())
                 for key, value in {"loss": loss, **metrics}.items():
@@ -127,8 +126,13 @@ def train(config: HyPOConfig) -> RunResult:
 def optimizer_step(run: Run, finite: torch.Tensor) -> tuple[Any, str | None]:
     """Clip (or measure) the gradient, then step the optimizer and the schedule unless a loss term or the
     gradient is not finite on some process; the gradient is cleared either way. Returns the gradient norm and
-    what was not finite (None when the step was taken)."""
+    what was not finite (None when the step was taken). Under DeepSpeed the engine steps (and clips) here too."""
     accelerator, config = run.accelerator, run.config
+    if uses_deepspeed(accelerator):
+        grad_norm, problem = deepspeed_optimizer_step(accelerator, finite)
+        if problem is None:
+            run.scheduler.step()
+        return grad_norm, problem
     grad_norm = accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm) if config.max_grad_norm \
         else gradient_norm(run.trainable)
     problem = non_finite_part(accelerator, finite, grad_norm)
