@@ -73,6 +73,8 @@ def run_train(argv: list[str]) -> int:
     m, settings = result.final_metrics, (result.eval or {}).get("settings")
     print(f"\nhypo train (method {config.method}): {result.steps} steps in {result.seconds / 60:.1f} min "
           f"({result.seconds / result.steps:.2f} s/step)")
+    if result.stopped_early:
+        print(f"  stopped early: {result.stopped_early}")
     print(f"  model:    {result.model_dir}")
     print(f"  metrics:  {result.output_dir / 'metrics.jsonl'}")
     if m:

@@ -6,17 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from hypo.config import DEFAULT_MODEL, HUB_REPO_ID, HyPOConfig
-from hypo.data.sources import check_run_sources, run_sources
+from hypo.data.sources import InMemoryRows, check_run_sources, run_sources
 
 
-def check_run_inputs(config: HyPOConfig) -> None:
-    """Raise a ValueError / FileNotFoundError naming the file, row and field (data), the judge, or the
-    model path that is wrong. The data and the judge are those the run will load (`run_sources`)."""
-    check_model_path(config.model_name_or_path, "model_name_or_path", config.gguf_file)
-    if config.ref_model_name_or_path:
+def check_run_inputs(config: HyPOConfig, given: InMemoryRows | None = None, *, model_given: bool = False,
+                     ref_model_given: bool = False) -> None:
+    """Raise a ValueError / FileNotFoundError naming the file (or in-memory dataset), row and field (data), the
+    judge, or the model path that is wrong. The data and the judge are those the run will load (`run_sources`);
+    models handed over loaded (`model_given`, `ref_model_given`) have no path to check."""
+    if not model_given:
+        check_model_path(config.model_name_or_path, "model_name_or_path", config.gguf_file)
+        warn_if_checkpoint_starts_a_new_run(config)
+    if config.ref_model_name_or_path and not ref_model_given:
         check_model_path(config.ref_model_name_or_path, "ref_model_name_or_path")
-    warn_if_checkpoint_starts_a_new_run(config)
-    sources = run_sources(config)
+    sources = run_sources(config, given)
+    if config.target_kl is not None and sources.eval_prompts is None:
+        raise ValueError("target_kl is measured on held-out prompts: give eval_prompts (a path, or HyPOTrainer's "
+                         "eval_prompts=); with dataset set, the bundled task's are not used")
     check_run_sources(sources, skip_bad_rows=config.skip_bad_rows)
     if sources.judge:
         check_judge(sources.judge)
