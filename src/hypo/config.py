@@ -440,8 +440,9 @@ RENAMED_OPTIONS = {
 """Options of earlier versions (a config file, or the config.json of a run to resume) and their names now."""
 
 
-def read_config_file(path: str | Path, config_class: type | None = None) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of the fields of `config_class` (default: HyPOConfig).
+def read_config_file(path: str | Path, config_class: type | None = None, translate=None) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of the fields of `config_class` (default: HyPOConfig); `translate` (a function of
+    the mapping) renames other spellings of options first (the command line's TRL names).
 
     Every problem is a ValueError naming the file: a syntax error (with its line), unknown keys, and a
     value whose type does not fit the option (``max_steps: 1.5``, ``kl_coef: .inf``, ``use_peft: "yes"``).
@@ -456,6 +457,11 @@ def read_config_file(path: str | Path, config_class: type | None = None) -> dict
     data = _parse_config_text(path, text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    if translate is not None:
+        try:
+            data = translate(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     known = {f.name for f in dataclasses.fields(config_class or HyPOConfig)}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
