@@ -89,8 +89,9 @@ def test_hypo_sft_takes_the_trl_names_it_has_a_meaning_for():
         "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "v_proj", "--eval_strategy", "no"])
     assert (config.dataset, config.mixed_precision, config.lora_dropout, config.lora_target_modules) == \
         ("trl-lib/Capybara", "bf16", 0.05, "q_proj,v_proj")
-    with pytest.raises(ValueError, match="dataset_test_split: this command does not evaluate"):
-        parse_config_args(sft_parser(), SFTRunConfig, ["--dataset_name", "d", "--dataset_test_split", "test"])
+    for trl_only in (["--dataset_test_split", "test"], ["--eval_strategy", "steps"]):  # hypo sft does not evaluate
+        with pytest.raises(ValueError, match="this command has no eval_"):
+            parse_config_args(sft_parser(), SFTRunConfig, ["--dataset_name", "d", *trl_only])
     assert "--dataset_test_split" not in sft_parser().format_help()
 
 

@@ -234,8 +234,10 @@ def translate_trl_options(options: dict[str, Any], config_class, given: set[str]
         if name == "eval_strategy" and "eval_steps" not in fields and translated.get("eval_steps") == 0:
             continue  # no evaluation, in a command that does not evaluate
         for key, value in translated.items():
-            if key.startswith("trl:"):
+            if key.startswith("trl:"):  # resolved later; the option it will set must exist here
                 deferred[key] = value
+                if _DEFERRED_FIELDS[key] not in fields:
+                    raise ValueError(f"--{name}: this command has no {_DEFERRED_FIELDS[key]}")
                 continue
             if key not in fields:
                 raise ValueError(f"--{name}: this command has no {key} (it means --{key} here)")
@@ -244,9 +246,12 @@ def translate_trl_options(options: dict[str, Any], config_class, given: set[str]
             if key in values and values[key] != value:
                 raise ValueError(f"--{name} sets {key} to {value!r}, another TRL option to {values[key]!r}")
             values[key] = value
-    if deferred and "eval_dataset" not in fields and "trl:dataset_test_split" in deferred:
-        raise ValueError("--dataset_test_split: this command does not evaluate")
     return values, deferred
+
+
+_DEFERRED_FIELDS = {"trl:dataset_test_split": "eval_dataset", "trl:eval_strategy_steps": "eval_steps",
+                    "trl:save_strategy_steps": "save_steps", "trl:warmup_steps": "warmup_ratio"}
+"""The hypo option each deferred TRL option sets (`resolve_deferred`)."""
 
 
 def resolve_deferred(values: dict[str, Any], deferred: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
