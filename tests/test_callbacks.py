@@ -36,5 +36,21 @@ def test_events_reset_control_and_accept_a_returned_control():
     events.log({"loss": 0.5}, 1)
     assert seen.calls[1] == ("log", {"loss": 0.5}) and events.state.log_history == [{"loss": 0.5, "step": 1}]
     assert events.control.should_training_stop  # the control the callback returned
-    assert events.stop_requested(None)
     assert events.remove(Seen) is seen and len(events.callbacks) == 1
+
+
+class FakeAccelerator:
+    """Two processes; the other one set should_save (the sum of an all-reduce over both)."""
+
+    num_processes, device = 2, "cpu"
+
+    def reduce(self, tensor, reduction):
+        import torch
+
+        return tensor + torch.tensor([0.0, 1.0, 0.0, 0.0])
+
+
+def test_a_flag_set_on_any_process_holds_on_all():
+    events = TrainingEvents([], HyPOConfig())
+    events.agree(FakeAccelerator())
+    assert events.control.should_save and not events.control.should_training_stop and not events.control.should_log

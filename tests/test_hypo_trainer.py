@@ -219,3 +219,26 @@ def test_lora_from_a_peft_config_trains_as_use_peft(tiny_model_dir, tiny_task, t
     assert trainer.ref_model is None and trainer.args.use_peft and trainer.args.lora_target_modules == "q_proj,v_proj"
     assert (result.model_dir / "adapter" / "adapter_config.json").is_file()
     _assert_same_weights(by_option.model_dir, result.model_dir, atol=0)
+
+
+@pytest.mark.slow
+def test_a_callback_on_the_main_process_stops_every_process(tiny_model_dir, tiny_task, tmp_path):
+    """Under `accelerate launch` with 2 CPU processes (gloo): a stop and a checkpoint asked for in `on_log`, which
+    runs on the main process only, hold on both processes (no collective is left waiting)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_cpu_threads_per_process", "1", str(Path(__file__).with_name("callback_worker.py")), str(out),
+               str(tiny_model_dir), str(tiny_task["pairs"]), str(tiny_task["prompts"])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MASTER_PORT": "29537"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [r["steps"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]
+    assert (out / "checkpoint-2").is_dir() and (out / "model" / "model.safetensors").is_file()
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2]

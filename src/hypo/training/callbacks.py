@@ -7,9 +7,9 @@ evaluation, with its `eval_*` metrics), `on_save` (each checkpoint), `on_train_e
 `(args, state, control, model=, processing_class=, optimizer=, lr_scheduler=, train_dataloader=None,
 eval_dataloader=None, **event kwargs)` as from transformers' `CallbackHandler`; `args` is the run's `HyPOConfig`
 (TRL's names: `output_dir`, `max_steps`, `logging_steps`, `learning_rate`, ...). The loop honours `control`:
-`should_training_stop` ends the run cleanly after the step (final model saved and evaluated, as at a normal end;
-any process asking stops all of them), `should_save` saves a checkpoint of the step, `should_evaluate` evaluates it,
-`should_log` logs it. There are no epoch events (the loop counts optimizer steps over endless shuffled batches).
+`should_training_stop` ends the run cleanly after the step (final model saved and evaluated, as at a normal end),
+`should_save` saves a checkpoint of the step, `should_evaluate` evaluates it, `should_log` logs it; a flag set on any
+process holds on all of them (`agree`). There are no epoch events (the loop counts optimizer steps over endless shuffled batches).
 
 transformers' `CallbackHandler` is not used as is: it warns unless a `DefaultFlowCallback` is present, which decides
 logging, evaluation and saving from `TrainingArguments` fields that hypo's loop decides itself.
@@ -99,8 +99,15 @@ class TrainingEvents:
     def train_end(self) -> None:
         self.call("on_train_end")
 
-    def stop_requested(self, accelerator) -> bool:
-        """Whether a callback on any process set `control.should_training_stop` (every process must call it)."""
-        from hypo.runtime.distributed import any_process
+    def agree(self, accelerator) -> None:
+        """Make every process hold each flag of `control` that a callback set on any process (one all-reduce; every
+        process must call it): the loop's decisions on them (log, save, evaluate, stop) are collective, and some
+        events (`on_log`) run on the main process only."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return
+        import torch
 
-        return any_process(accelerator, bool(self.control.should_training_stop))
+        names = ("should_training_stop", "should_save", "should_evaluate", "should_log")
+        flags = torch.tensor([float(getattr(self.control, name)) for name in names], device=accelerator.device)
+        for name, count in zip(names, accelerator.reduce(flags, "sum").tolist(), strict=True):
+            setattr(self.control, name, count > 0)

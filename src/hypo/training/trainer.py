@@ -139,6 +139,7 @@ def run_training(run: Run, loop: LoopInputs) -> RunResult:
 
             step_seconds = time.perf_counter() - step_start
             events.step_end(step)
+            events.agree(accelerator)  # a flag a callback set on any process holds on all: the decisions are collective
             if problem or step % config.logging_steps == 0 or step == run.total_steps or events.control.should_log:
                 final_metrics = step_metrics(run, sums, grad_norm, tokens, timer.seconds, step_seconds)
                 run.logger.log(final_metrics, step)  # the callbacks' on_log, through the logger
@@ -147,7 +148,8 @@ def run_training(run: Run, loop: LoopInputs) -> RunResult:
             if problem:
                 raise NonFiniteError(step, problem, last_checkpoint(run.output_dir))
             # 4. checkpoints, stop signals and evaluations; the run ends at max_steps or when asked to
-            last = step == run.total_steps or events.stop_requested(accelerator)  # every process agrees
+            events.agree(accelerator)  # and the flags set in on_log (the main process)
+            last = step == run.total_steps or events.control.should_training_stop
             stopping = stop.received(accelerator) and not last
             if stopping or events.control.should_save or \
                     (config.save_steps and step % config.save_steps == 0 and not last):
@@ -158,7 +160,8 @@ def run_training(run: Run, loop: LoopInputs) -> RunResult:
                 _, _, eval_metrics = evaluate(run, step, loop.reference_samples, events)
                 if budget is not None and not keep_within_kl_budget(run, step, eval_metrics, events):
                     last = True
-                last = events.stop_requested(accelerator) or last
+                events.agree(accelerator)
+                last = last or events.control.should_training_stop
             if last:
                 break
         stop.restore()
