@@ -163,6 +163,6 @@ def test_fewer_held_out_pairs_than_processes_stop_the_run_before_anything(tiny_m
 
 def test_lora_with_a_separate_reference_stops_the_run_before_anything(tiny_model_dir, tiny_task, tmp_path,
                                                                       no_model_loads):
-    with pytest.raises(ValueError, match="use_peft takes the base model as the reference"):
+    with pytest.raises(ValueError, match="LoRA takes the base model with adapters disabled as the reference"):
         train(_config(tiny_model_dir, tiny_task, tmp_path, use_peft=True, ref_model_name_or_path=str(tiny_model_dir)))
     _assert_nothing_written(tmp_path)

@@ -212,6 +212,18 @@ class HyPOConfig:
         "Repository of --push_to_hub, 'name' or 'org/name'; default: the name of output_dir's folder (as in TRL).")
     hub_private_repo: bool = _help("Create the --push_to_hub repository as private.", False)
 
+    # --- KL budget (any method) ------------------------------------------------------------------------
+    target_kl: float | None = _help(
+        "A budget of reverse KL to the reference, in nats: the evaluation every eval_steps estimates KL(pi || pi_ref) "
+        "on the held-out prompts (k1 on eval_max_prompts_during_training prompts x eval_num_samples samples, with its "
+        "standard error); the first state whose estimate (plus target_kl_margin standard errors) exceeds the budget "
+        "stops the run, and the final model is the last evaluated state within it (a checkpoint is saved at each such "
+        "evaluation). Needs eval_steps and held-out prompts. Default: no budget.")
+    target_kl_margin: float = _help(
+        "Standard errors added to the KL estimate before comparing it with target_kl: a state is within the budget "
+        "when kl + margin * se <= target_kl (0: the estimate itself; 2: within the budget at about 97.7 percent "
+        "one-sided confidence, normal approximation, at the price of stopping earlier).", 0.0)
+
     def __post_init__(self) -> None:
         check_config(self, _problems)
         if self.dtype == "bfloat16":
@@ -346,6 +358,19 @@ def _problems(c: HyPOConfig):
     if c.eval_steps < 0 or c.eval_max_prompts_during_training < 0:
         yield "eval_steps and eval_max_prompts_during_training must be >= 0"
     yield from _source_problems(c)
+    yield from _kl_budget_problems(c)
+
+
+def _kl_budget_problems(c: HyPOConfig):
+    """target_kl needs an evaluation to measure the KL on (held-out prompts are checked with the data)."""
+    if c.target_kl is None:
+        return
+    if c.target_kl <= 0:
+        yield f"target_kl must be > 0 nats, got {c.target_kl}"
+    if c.target_kl_margin < 0:
+        yield f"target_kl_margin must be >= 0 standard errors, got {c.target_kl_margin}"
+    if c.eval_steps == 0:
+        yield "target_kl is checked at the evaluations every eval_steps optimizer steps: set eval_steps (e.g. 10)"
 
 
 def _loss_problems(c: HyPOConfig):
@@ -477,8 +502,9 @@ RENAMED_OPTIONS = {
 """Options of earlier versions (a config file, or the config.json of a run to resume) and their names now."""
 
 
-def read_config_file(path: str | Path, config_class: type | None = None) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of the fields of `config_class` (default: HyPOConfig).
+def read_config_file(path: str | Path, config_class: type | None = None, translate=None) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of the fields of `config_class` (default: HyPOConfig); `translate` (a function of
+    the mapping) renames other spellings of options first (the command line's TRL names).
 
     Every problem is a ValueError naming the file: a syntax error (with its line), unknown keys, and a
     value whose type does not fit the option (``max_steps: 1.5``, ``kl_coef: .inf``, ``use_peft: "yes"``).
@@ -493,6 +519,11 @@ def read_config_file(path: str | Path, config_class: type | None = None) -> dict
     data = _parse_config_text(path, text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    if translate is not None:
+        try:
+            data = translate(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     known = {f.name for f in dataclasses.fields(config_class or HyPOConfig)}
     unknown = sorted(str(key) for key in data if key not in known)
     if unknown:

@@ -1,7 +1,9 @@
 """`hypo train` and `hypo sft`: a typed config from a YAML/JSON file (`--config`) and flags on top.
 
 `hypo train --config run.yaml --beta 0.2` reads the file, then applies the flags; resuming
-(`--resume_from_checkpoint`) starts from the options of the run being resumed.
+(`--resume_from_checkpoint`) starts from the options of the run being resumed. TRL's option names
+(`--dataset_name`, `--dataset_train_split`, `--bf16`, ...) are accepted in flags and files
+(`hypo.cli.trl_options`).
 """
 
 from __future__ import annotations
@@ -10,15 +12,28 @@ import argparse
 import sys
 from pathlib import Path
 
+from hypo.cli.trl_options import (
+    TRL_OPTIONS,
+    extract_trl_flags,
+    resolve_deferred,
+    translate_trl_options,
+    trl_options_help,
+)
 from hypo.config import HyPOConfig, read_config_file
 
 
 def config_parser(config_class, prog: str, description: str):
-    """The flags of a typed config dataclass, plus `--config` (a YAML or JSON file of the same options)."""
+    """The flags of a typed config dataclass, plus `--config` (a YAML or JSON file of the same options); `--help`
+    ends with TRL's option names this command accepts."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(config_class, prog=prog, description=description)
-    parser.add_argument("--config", default=None, help="YAML or JSON file of options (the same names as the flags).")
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Defaults shown (HfArgumentParser's choice), the epilog's lines kept."""
+
+    parser = HfArgumentParser(config_class, prog=prog, description=description, epilog=trl_options_help(config_class),
+                              formatter_class=Formatter)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options (the same names as the flags, "
+                        "or TRL's).")
     return parser
 
 
@@ -35,12 +50,63 @@ def _pre_parse(argv: list[str], *names: str) -> argparse.Namespace:
 
 
 def parse_config_args(parser, config_class, argv: list[str], base_files: tuple[Path, ...] = ()):
-    """`config_class` from, in order of precedence: the flags, `--config`, then `base_files`; unknown
-    options are an error."""
+    """`config_class` from, in order of precedence: the flags, `--config`, then `base_files`; TRL's option names
+    are translated (`hypo.cli.trl_options`); unknown options are an error."""
+    trl_flags, argv = extract_trl_flags(argv)
     config_file = _pre_parse(argv, "--config").config
+    explicit, deferred = set(), {}
     for path in (*base_files, *([config_file] if config_file else [])):
-        parser.set_defaults(**read_config_file(path, config_class))
-    return config_class(**{k: v for k, v in vars(parser.parse_args(argv)).items() if k != "config"})
+        options, file_deferred = read_options_file(path, config_class)
+        parser.set_defaults(**options)
+        explicit |= set(options)
+        deferred.update(file_deferred)
+    given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+    translated, flag_deferred = translate_trl_options(trl_flags, config_class, given)
+    values = {k: v for k, v in vars(parse_known_options(parser, argv)).items() if k != "config"}
+    values.update(translated)
+    deferred.update(flag_deferred)
+    values.update(resolve_deferred(values, deferred, explicit | given | set(translated)))
+    return config_class(**values)
+
+
+def read_options_file(path, config_class) -> tuple[dict, dict]:
+    """A `--config` file's options, TRL's names translated: (hypo options, deferred TRL options)."""
+    translated: dict = {}
+
+    def translate(data: dict) -> dict:
+        trl = {key: data[key] for key in data if key in TRL_OPTIONS}
+        rest = {key: value for key, value in data.items() if key not in TRL_OPTIONS}
+        values, deferred = translate_trl_options(trl, config_class, set(rest))
+        translated["deferred"] = deferred
+        return {**rest, **values}
+
+    options = read_config_file(path, config_class, translate=translate)
+    return options, translated.get("deferred", {})
+
+
+def parse_known_options(parser, argv: list[str]) -> argparse.Namespace:
+    """The parsed flags; an unknown one is a ValueError that says, when TRL is installed, whether it is a TRL or
+    transformers option (which hypo does not take) or a typo."""
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [arg for arg in unknown if arg.startswith("-")]
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}" + _unknown_flags_hint(flags))
+    return namespace
+
+
+def _unknown_flags_hint(flags: list[str]) -> str:
+    try:
+        import dataclasses
+
+        from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig
+    except ImportError:
+        return ""
+    trl_fields = {f.name for cls in (DPOConfig, SFTConfig, ModelConfig, ScriptArguments) for f in dataclasses.fields(cls)}
+    named = [flag for flag in flags if flag.lstrip("-").partition("=")[0] in trl_fields]
+    if not named:
+        return ""
+    return (f" ({', '.join(named)}: TRL / transformers option(s) that hypo does not take; `--help` lists hypo's "
+            "options and the TRL names it accepts)")
 
 
 def parse_train_args(argv: list[str]) -> HyPOConfig:
@@ -86,6 +152,8 @@ def summarize(config: HyPOConfig, result) -> int:
     m, settings = result.final_metrics, (result.eval or {}).get("settings")
     print(f"\nhypo train (method {config.method}): {result.steps} steps in {result.seconds / 60:.1f} min "
           f"({result.seconds / result.steps:.2f} s/step)")
+    if result.stopped_early:
+        print(f"  stopped early: {result.stopped_early}")
     print(f"  model:    {result.model_dir}")
     print(f"  metrics:  {result.output_dir / 'metrics.jsonl'}")
     if m:

@@ -16,6 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +30,17 @@ class TrainerState:
 
     step: int = 0
     ref_cache: dict[int, tuple[float, float]] | None = field(default_factory=dict)
+    kl_budget: Any = None  # with target_kl: the `hypo.training.kl_budget.KLBudget` (the state it keeps)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "ref_cache": self.ref_cache}
+        budget = self.kl_budget.state_dict() if self.kl_budget is not None else None
+        return {"step": self.step, "ref_cache": self.ref_cache, "kl_budget": budget}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.ref_cache = state["ref_cache"]
+        if self.kl_budget is not None and state.get("kl_budget") is not None:
+            self.kl_budget.load_state_dict(state["kl_budget"])
 
 
 def save_pretrained(model, tokenizer, directory: Path, state_dict: dict | None = None) -> Path:
@@ -76,10 +81,11 @@ def skip_model_weights(accelerator) -> None:
     accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
 
-def save_checkpoint(accelerator, policy, tokenizer, output_dir: Path, step: int, save_total_limit: int | None) -> Path:
+def save_checkpoint(accelerator, policy, tokenizer, output_dir: Path, step: int, save_total_limit: int | None,
+                    protect: Path | None = None) -> Path:
     """`output_dir/checkpoint-<step>`, complete or absent: every process writes into a temporary folder
     (accelerate writes each process's random state), the main process renames it, then deletes the
-    oldest checkpoints beyond `save_total_limit`."""
+    oldest checkpoints beyond `save_total_limit`, never `protect` (the state a KL budget keeps)."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f"checkpoint-{step}.partial"
     if accelerator.is_main_process and partial.exists():
@@ -92,7 +98,7 @@ def save_checkpoint(accelerator, policy, tokenizer, output_dir: Path, step: int,
             shutil.rmtree(final)
         partial.rename(final)
         if save_total_limit:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            for old in [c for c in list_checkpoints(output_dir) if c != protect][:-save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -158,13 +158,16 @@ def results_lines(eval_results: dict[str, Any] | None, pair_metrics: dict[str, f
 
 def training_card(config, *, name: str, eval_results: dict[str, Any] | None = None,
                   pair_metrics: dict[str, float] | None = None, final_metrics: dict[str, float] | None = None,
-                  num_processes: int = 1) -> ModelCard:
-    """The card of a `hypo train` run (`config`: its `HyPOConfig`; `num_processes`: data-parallel processes)."""
-    c = config
-    if c.dataset is None:
+                  num_processes: int = 1, notes: list[str] | None = None,
+                  data: dict[str, str] | None = None) -> ModelCard:
+    """The card of a `hypo train` run (`config`: its `HyPOConfig`; `num_processes`: data-parallel processes;
+    `notes`: lines before the results, e.g. why the run stopped; `data`: role -> description of rows handed over in
+    memory, which replace the config's sources for those roles)."""
+    c, in_memory = config, data or {}
+    if c.dataset is None and "preference pairs" not in in_memory:
         data = {"preference pairs, unlabeled prompts and held-out prompts": f"hypo's bundled task `{c.task}`"}
     else:
-        data = {"preference pairs": _source(c.dataset, c.dataset_split, c.dataset_config)}
+        data = {"preference pairs": _source(c.dataset, c.dataset_split, c.dataset_config)} if c.dataset else {}
         if c.method == "hypo":
             data["unlabeled prompts (online KL term)"] = _source(c.prompts, c.prompts_split, c.prompts_config) \
                 if c.prompts else "the prompts of the preference pairs"
@@ -172,6 +175,7 @@ def training_card(config, *, name: str, eval_results: dict[str, Any] | None = No
             data["held-out prompts"] = _source(c.eval_prompts, c.eval_prompts_split, c.eval_prompts_config)
     if c.eval_dataset:
         data["held-out preference pairs"] = _source(c.eval_dataset, c.eval_dataset_split, c.eval_dataset_config)
+    data.update(in_memory)
     hyperparameters = {k: getattr(c, k) for k in TRAINING_HYPERPARAMETERS}
     hyperparameters["total_train_batch_size"] = c.per_device_train_batch_size * c.gradient_accumulation_steps * \
         num_processes
@@ -186,8 +190,11 @@ def training_card(config, *, name: str, eval_results: dict[str, Any] | None = No
         hyperparameters.pop("lora_r")
         hyperparameters.pop("lora_alpha")
     sources = (c.dataset, c.prompts, c.eval_prompts, c.eval_dataset)
+    results = results_lines(eval_results, pair_metrics, final_metrics)
+    if notes:
+        results = [*notes, "", *(results or ["No evaluation was run."])]
     return ModelCard(name=name, method=c.method, base_model=base_model_name(c.model_name_or_path), data=data,
-                     hyperparameters=hyperparameters, results=results_lines(eval_results, pair_metrics, final_metrics),
+                     hyperparameters=hyperparameters, results=results,
                      hub_datasets=list(dict.fromkeys(s for s in sources if _is_hub_id(s))))
 
 
@@ -220,12 +227,13 @@ def push_model(model_dir: str | Path, repo_id: str, *, private: bool = False, to
 
 def share_trained_model(config, model_dir: str | Path, *, output_dir: str | Path,
                         eval_results: dict[str, Any] | None = None, pair_metrics: dict[str, float] | None = None,
-                        final_metrics: dict[str, float] | None = None, num_processes: int = 1) -> str | None:
+                        final_metrics: dict[str, float] | None = None, num_processes: int = 1,
+                        notes: list[str] | None = None, data: dict[str, str] | None = None) -> str | None:
     """End of a `hypo train` run, on the main process: write the model card, then (with `push_to_hub`) upload
-    the model folder. Returns the repository URL when pushed."""
+    the model folder. Returns the repository URL when pushed. `notes`, `data`: as in `training_card`."""
     repo_id = hub_repo_id(config.hub_model_id, output_dir)
     card = training_card(config, name=repo_id, eval_results=eval_results, pair_metrics=pair_metrics,
-                         final_metrics=final_metrics, num_processes=num_processes)
+                         final_metrics=final_metrics, num_processes=num_processes, notes=notes, data=data)
     write_model_card(model_dir, card)
     if not config.push_to_hub:
         return None

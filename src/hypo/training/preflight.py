@@ -8,30 +8,43 @@ from pathlib import Path
 
 from hypo.config import DEFAULT_MODEL, HUB_REPO_ID, HyPOConfig
 from hypo.data.files import DataError
-from hypo.data.sources import RunSources, TrainingData, check_run_sources, load_training_data, run_sources
+from hypo.data.sources import (
+    InMemoryRows,
+    RunSources,
+    TrainingData,
+    check_run_sources,
+    load_training_data,
+    run_sources,
+)
+from hypo.models.loading import GivenModels
 
 
-def check_run_inputs(config: HyPOConfig, num_processes: int | None = None) -> TrainingData:
-    """Raise a ValueError / FileNotFoundError naming the file, row and field (data), the judge, the option or
-    the model path that is wrong; return the run's tokenized data. The data and the judge are those the run
-    will load (`run_sources`). Every row is first checked without a tokenizer; then the tokenizer alone (no
-    model) tokenizes them, which finds prompts that leave no room within max_length, and the usable rows
-    are counted against one batch on each of `num_processes` (default: the launcher's WORLD_SIZE)."""
-    from hypo.models.loading import load_tokenizer, resolve_model_path
+def check_run_inputs(config: HyPOConfig, given: InMemoryRows | None = None, models: GivenModels | None = None,
+                     num_processes: int | None = None) -> TrainingData:
+    """Raise a ValueError / FileNotFoundError naming the file (or in-memory dataset), row and field (data), the
+    judge, the option or the model path that is wrong; return the run's tokenized data. The data and the judge
+    are those the run will load (`run_sources`); models handed over loaded (`models`) have no path to check.
+    Every row is first checked without a tokenizer; then the tokenizer alone (no model) tokenizes them, which
+    finds prompts that leave no room within max_length, and the usable rows are counted against one batch on
+    each of `num_processes` (default: the launcher's WORLD_SIZE)."""
+    from hypo.models.loading import run_tokenizer, uses_lora
     from hypo.runtime.accelerator import launched_num_processes
 
-    check_model_path(config.model_name_or_path, "model_name_or_path", config.gguf_file)
-    if config.ref_model_name_or_path:
+    models = models or GivenModels()
+    if models.model is None:
+        check_model_path(config.model_name_or_path, "model_name_or_path", config.gguf_file)
+        warn_if_checkpoint_starts_a_new_run(config)
+    if config.ref_model_name_or_path and models.ref_model is None:
         check_model_path(config.ref_model_name_or_path, "ref_model_name_or_path")
-        if config.use_peft:
-            raise ValueError("use_peft takes the base model as the reference; drop ref_model_name_or_path")
-    warn_if_checkpoint_starts_a_new_run(config)
-    sources = run_sources(config)
+    uses_lora(config, models)  # no reference model beside LoRA adapters
+    sources = run_sources(config, given)
+    if config.target_kl is not None and sources.eval_prompts is None:
+        raise ValueError("target_kl is measured on held-out prompts: give eval_prompts (a path, or HyPOTrainer's "
+                         "eval_prompts=); with dataset set, the bundled task's are not used")
     check_run_sources(sources, skip_bad_rows=config.skip_bad_rows)
     if sources.judge:
         check_judge(sources.judge)
-    tokenizer = load_tokenizer(resolve_model_path(config.model_name_or_path, config.gguf_file))
-    data = load_training_data(config, tokenizer)
+    data = load_training_data(config, run_tokenizer(config, models), given)
     check_batches(config, data, sources, launched_num_processes() if num_processes is None else num_processes)
     return data
 

@@ -4,7 +4,7 @@ state, gathered in one `Run` that the loop (`hypo.training.trainer`) reads top t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,8 @@ import torch
 
 from hypo.config import HyPOConfig, save_config
 from hypo.data.batches import PairCollator, PromptCollator, ShuffledBatches
-from hypo.data.sources import TrainingData
-from hypo.models.loading import load_policy_and_reference, resolve_model_path
+from hypo.data.sources import InMemoryRows, TrainingData
+from hypo.models.loading import GivenModels, load_policy_and_reference, resolve_model_path
 from hypo.models.reference import Reference
 from hypo.models.tokens import stop_token_ids
 from hypo.runtime.accelerator import make_accelerator, seed_everything
@@ -26,9 +26,20 @@ from hypo.training.checkpoints import (
     run_folder,
     skip_model_weights,
 )
+from hypo.training.kl_budget import KLBudget
 from hypo.training.preflight import check_run_inputs
 from hypo.training.steps import StepContext
 from hypo.training.tracking import RunLogger
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run is handed besides its config (`HyPOTrainer`): loaded objects, rows in memory, and the data the
+    pre-flight check (`check_run_inputs`) returned when it already ran on them."""
+
+    models: GivenModels = field(default_factory=GivenModels)
+    rows: InMemoryRows = field(default_factory=InMemoryRows)
+    data: TrainingData | None = None
 
 
 @dataclass
@@ -105,18 +116,22 @@ def count_steps(config: HyPOConfig, pairs: ShuffledBatches, num_processes: int) 
     return max(1, math.ceil(config.num_train_epochs * per_epoch))
 
 
-def prepare_run(config: HyPOConfig) -> Run:
-    """Check every input, then set the run up: run folder, accelerator, policy and reference, data, optimizer
-    and schedule (under accelerate), the resumed state, the step context (with a vLLM engine that holds the
-    policy's weights when `use_vllm`), and the metrics logger. Nothing heavy loads before the checks pass."""
+def prepare_run(config: HyPOConfig, inputs: RunInputs | None = None) -> Run:
+    """Check every input, then set the run up: run folder, accelerator, policy and reference (or the objects in
+    `inputs`), data, optimizer and schedule (under accelerate), the resumed state, the step context (with a vLLM
+    engine that holds the policy's weights when `use_vllm`), and the metrics logger. Nothing heavy loads before
+    the checks pass."""
     from transformers import get_scheduler
 
+    inputs = inputs or RunInputs()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
-    data = check_run_inputs(config)  # every data row, the judge, the model paths, rows per batch: tokenized data
+    # every data row, the judge, the model paths, rows per batch: the tokenized data (HyPOTrainer checked already)
+    data = inputs.data or check_run_inputs(config, inputs.rows, inputs.models)
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
     accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir)
+    check_kl_budget_support(accelerator, config)
     seed_everything(config.seed)
     if accelerator.is_main_process and checkpoint is None:
         move_aside(output_dir)  # only with overwrite_output_dir: run_folder refused otherwise
@@ -124,7 +139,7 @@ def prepare_run(config: HyPOConfig) -> Run:
         save_config(config, output_dir)
     accelerator.wait_for_everyone()
 
-    tokenizer, policy, reference = load_policy_and_reference(config, checkpoint)
+    tokenizer, policy, reference = load_policy_and_reference(config, checkpoint, inputs.models)
     start_step = checkpoint_step(checkpoint) if checkpoint else 0
     pairs, prompts = training_batches(config, data, tokenizer.pad_token_id, accelerator, start_step)
     total_steps = count_steps(config, pairs, accelerator.num_processes)
@@ -135,7 +150,8 @@ def prepare_run(config: HyPOConfig) -> Run:
     configure_deepspeed(accelerator, config)  # a no-op without DeepSpeed
     policy, optimizer = accelerator.prepare(policy, optimizer)  # the policy's forward runs under autocast
     reference.prepare(accelerator)  # on the device, under the same autocast, never wrapped for training
-    state = TrainerState(step=start_step, ref_cache={} if config.precompute_ref_log_probs else None)
+    state = TrainerState(step=start_step, ref_cache={} if config.precompute_ref_log_probs else None,
+                         kl_budget=KLBudget(config.target_kl, config.target_kl_margin) if config.target_kl else None)
     accelerator.register_for_checkpointing(scheduler, state)
     skip_model_weights(accelerator)  # checkpoints hold the weights once, in Hugging Face format
     if checkpoint:
@@ -163,3 +179,13 @@ def prepare_run(config: HyPOConfig) -> Run:
             run.close()
             raise
     return run
+
+
+def check_kl_budget_support(accelerator, config: HyPOConfig) -> None:
+    """target_kl goes back to the state it kept by loading its weights into the policy, which hypo does not do
+    for sharded models (FSDP2, ZeRO-3): refused before any model loads."""
+    from hypo.runtime.distributed import uses_zero3
+
+    if config.target_kl is not None and (accelerator.is_fsdp2 or uses_zero3(accelerator)):
+        raise ValueError("target_kl is not supported with sharded training (FSDP2, ZeRO-3) yet: it loads the kept "
+                         "state's weights back into the policy; use DDP or one process, or drop target_kl")

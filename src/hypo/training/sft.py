@@ -54,6 +54,7 @@ class SFTRunConfig:
     use_peft: bool = _help("Train LoRA adapters (merged into the saved model; the adapter is kept too).", False)
     lora_r: int = same_as("lora_r")
     lora_alpha: int = same_as("lora_alpha")
+    lora_dropout: float = same_as("lora_dropout")
     lora_target_modules: str = same_as("lora_target_modules")
     seed: int = same_as("seed")
     output_dir: str | None = _help("Run folder (model in <output_dir>/model); default runs/sft-<time>.")
@@ -76,6 +77,8 @@ def _problems(c: SFTRunConfig):
         yield "dataset is required (prompt/completion, messages or text rows)"
     if c.max_length < 1:
         yield f"max_length must be >= 1, got {c.max_length}"
+    if not 0 <= c.lora_dropout < 1:
+        yield f"lora_dropout must be in [0, 1), got {c.lora_dropout}"
     yield from optimization_problems(c)
 
 
@@ -181,7 +184,8 @@ def sft(config: SFTRunConfig) -> SFTResult:
         from peft import LoraConfig
 
         targets = config.lora_target_modules
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="CAUSAL_LM",
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 task_type="CAUSAL_LM",
                                  target_modules=targets if targets == "all-linear" else targets.split(","))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "sft_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")

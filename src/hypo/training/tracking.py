@@ -29,6 +29,7 @@ class RunLogger:
         self.trackers = bool(report_to) and accelerator is not None
         if self.trackers:
             accelerator.init_trackers("hypo", config={k: v for k, v in (config or {}).items() if v is not None})
+        self.listeners: list = []  # called with (metrics, step) after each record (the trainer's on_log)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main_process:
@@ -38,6 +39,8 @@ class RunLogger:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.trackers:
             self.accelerator.log(metrics, step=step)
+        for listener in self.listeners:
+            listener({k: v for k, v in record.items() if k != "step"}, step)
 
     def close(self) -> None:
         """Finish the trackers (not `accelerator.end_training()`, which also destroys the process group that a
