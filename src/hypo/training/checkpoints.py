@@ -131,7 +131,7 @@ def checkpoint_step(path: Path) -> int:
 RESUMABLE_CHANGES = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "save_steps", "save_total_limit",
     "logging_steps", "report_to", "num_threads", "eval_at_end", "eval_steps", "eval_max_prompts",
-    "eval_num_samples", "eval_batch_size", "eval_max_prompts_during_training",
+    "eval_num_samples", "eval_batch_size", "eval_max_prompts_during_training", "ddp_timeout", "vllm_enable_sleep_mode",
 })
 """Options a resumed run may change; any other difference from the saved config.json is an error."""
 
