@@ -67,7 +67,8 @@ def train(config: HyPOConfig) -> RunResult:
         progress = tqdm(range(run.start_step + 1, run.total_steps + 1), desc=config.method, initial=run.start_step,
                         total=run.total_steps, disable=not accelerator.is_local_main_process)
         for step in progress:
-            timer, step_start = ctx.timer.reset(), time.perf_counter()
+            timer = ctx.timer.reset()
+            step_start = timer.now()  # every clock read waits for the GPU (`StepTimer.now`)
             sums: dict[str, float] = defaultdict(float)
             tokens, finite = torch.zeros((), device=accelerator.device), torch.ones(2, device=accelerator.device)
             for micro in range(ga):
@@ -101,7 +102,7 @@ def train(config: HyPOConfig) -> RunResult:
                 with timer("weight_push"):  # the engine samples step t + 1 from the weights after step t
                     push_policy(accelerator, policy, ctx.vllm_sampler)
 
-            step_seconds = time.perf_counter() - step_start
+            step_seconds = timer.now() - step_start
             if problem or step % config.logging_steps == 0 or step == run.total_steps:
                 final_metrics = step_metrics(run, sums, grad_norm, tokens, timer.seconds, step_seconds)
                 run.logger.log(final_metrics, step)
