@@ -10,15 +10,24 @@ import torch
 from hypo.runtime.precision import forget_other_precision, resolve_mixed_precision
 
 
-def make_accelerator(*, mixed_precision: str, trackers: list[str], project_dir: Path):
+def make_accelerator(*, mixed_precision: str, trackers: list[str], project_dir: Path, timeout_seconds: int = 1800):
     """An `accelerate.Accelerator` for this process: `mixed_precision` resolved (`auto` follows the device),
-    gloo data parallelism when several processes share a machine without a GPU, `trackers` for the metrics."""
+    gloo data parallelism when several processes share a machine without a GPU, `trackers` for the metrics.
+
+    `timeout_seconds`: how long a process waits in a collective (the other processes wait while the main one
+    evaluates alone; NCCL's own default is 10 minutes). Data parallelism keeps the gradients as views of its
+    all-reduce buckets (`gradient_as_bucket_view`), not beside them: one copy of the gradients instead of two."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     precision = resolve_mixed_precision(mixed_precision)
     forget_other_precision(precision)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds)),
+                DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     return Accelerator(log_with=trackers or None, project_dir=str(project_dir), cpu=multi_process_cpu(),
-                       mixed_precision=precision)
+                       mixed_precision=precision, kwargs_handlers=handlers)
 
 
 def multi_process_cpu() -> bool:

@@ -116,7 +116,8 @@ def prepare_run(config: HyPOConfig) -> Run:
     output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
     check_run_inputs(config)  # every data row, the judge, the model paths
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
-    accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir)
+    accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir,
+                                   timeout_seconds=config.ddp_timeout)
     seed_everything(config.seed)
     if accelerator.is_main_process and checkpoint is None:
         move_aside(output_dir)  # only with overwrite_output_dir: run_folder refused otherwise
