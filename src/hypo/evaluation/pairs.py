@@ -33,9 +33,10 @@ def pair_metric_sums(ctx, pairs: list[dict], *, batch_size: int) -> torch.Tensor
             batch = {k: v.to(device) for k, v in collate(pairs[start : start + batch_size]).items()}
             with ctx.reference.active() as ref_model:
                 ref_chosen, ref_rejected = pair_logps(ref_model, batch, pad_token_id=ctx.pad_token_id,
-                                                      share_prompt=ctx.share_prompt)  # (B,), (B,)
+                                                      share_prompt=ctx.share_prompt,
+                                                      fused_lm_head=config.fused_lm_head)  # (B,), (B,)
             chosen, rejected = pair_logps(ctx.policy, batch, pad_token_id=ctx.pad_token_id,
-                                          share_prompt=ctx.share_prompt)  # (B,), (B,)
+                                          share_prompt=ctx.share_prompt, fused_lm_head=config.fused_lm_head)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen, rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss_type,
                 label_smoothing=config.label_smoothing)

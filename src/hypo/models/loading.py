@@ -47,14 +47,36 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: str = "float32"):
-    """Causal LM with dropout switched off (its config's dropout fields set to 0)."""
+def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
+    """Causal LM with dropout switched off (its config's dropout fields set to 0); `attn_implementation` as
+    transformers reads it (None: transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     disable_dropout(model)
     return model
+
+
+def add_fused_lm_head(model) -> None:
+    """Give `model` (a transformers causal LM, not a peft wrapper) TRL's fused output layer, as TRL's DPOTrainer
+    does: called with `labels` and `fused_lm_head=True` it returns the labels' log-probs, computed tile by tile
+    in float32 without materializing the logits; called without, it is the model's own forward (generation is
+    unchanged). See `hypo.objective.logprobs.completion_per_token_logps`."""
+    try:
+        from trl.trainer import add_fused_lm_head as trl_add_fused_lm_head
+    except ImportError:
+        raise ValueError("fused_lm_head uses TRL's fused output layer: pip install 'hypo[trl]' (trl>=1.16)") from None
+    trl_add_fused_lm_head(model)
+
+
+def check_adapters_float32(model) -> None:
+    """LoRA trains its adapters: they must be float32 whatever the frozen base's dtype (peft casts bf16 adapters
+    up by default; a float16 or bfloat16 adapter would lose AdamW's small updates)."""
+    low = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+    if low:
+        raise ValueError(f"LoRA adapters in {', '.join(low)}: they must be float32 (peft's autocast_adapter_dtype)")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -79,15 +101,15 @@ def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str |
     return get_peft_model(model, config)
 
 
-
-
 def load_policy_and_reference(config, checkpoint: Path | None = None):
     """Tokenizer, trainable policy, and the frozen reference of a `HyPOConfig`. Resuming, the policy comes
     from `checkpoint` (a `checkpoint-N` folder) and the reference stays the run's initial model."""
     policy_path = resolve_model_path(config.model_name_or_path, config.gguf_file)
     tokenizer = load_tokenizer(policy_path)
     full_weights = str(checkpoint) if checkpoint is not None and not config.use_peft else policy_path
-    policy = load_causal_lm(full_weights, config.dtype)
+    policy = load_causal_lm(full_weights, config.dtype, config.attn_implementation)
+    if config.fused_lm_head:
+        add_fused_lm_head(policy)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if config.use_peft:
@@ -100,9 +122,13 @@ def load_policy_and_reference(config, checkpoint: Path | None = None):
         else:
             policy = add_lora(policy, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                               target_modules=config.lora_target_modules)
+        check_adapters_float32(policy)  # on a bfloat16 base too (dtype: the frozen base's)
         return tokenizer, policy, Reference(peft_policy=policy)
     if config.dtype == "auto" and any(p.dtype == torch.bfloat16 for p in policy.parameters()):
         logger.warning("dtype=auto loaded bfloat16 weights: AdamW updates smaller than about 1/256 of a weight "
                        "are rounded away; pass --dtype float32 (with --mixed_precision bf16) to keep every update")
     ref_path = resolve_model_path(config.ref_model_name_or_path) if config.ref_model_name_or_path else policy_path
-    return tokenizer, policy, Reference(load_causal_lm(ref_path, config.dtype))
+    reference = load_causal_lm(ref_path, config.dtype, config.attn_implementation)
+    if config.fused_lm_head:
+        add_fused_lm_head(reference)
+    return tokenizer, policy, Reference(reference)
