@@ -199,11 +199,18 @@ def test_a_lora_model_is_saved_merged_on_the_cpu_without_a_copy_of_the_model(tin
     merged delta is not rounded to bf16)."""
     import copy
 
-    from conftest import build_model
     from transformers import AutoModelForCausalLM
 
+    from conftest import build_model
     from hypo.models.loading import add_lora
     from hypo.training.checkpoints import save_pretrained
+
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copies(value, *args, **kwargs):  # configs may be copied, models may not
+        if isinstance(value, torch.nn.Module):
+            pytest.fail("the model was deep-copied to be saved")
+        return real_deepcopy(value, *args, **kwargs)
 
     for dtype in (torch.float32, torch.bfloat16):
         policy = add_lora(build_model(tiny_tokenizer, seed=1).to(dtype), r=4, alpha=8, dropout=0.0,
@@ -212,13 +219,6 @@ def test_a_lora_model_is_saved_merged_on_the_cpu_without_a_copy_of_the_model(tin
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.1)
         expected = copy.deepcopy(policy).float().merge_and_unload()
-        real_deepcopy = copy.deepcopy
-
-        def no_model_copies(value, *args, **kwargs):  # configs may be copied, models may not
-            if isinstance(value, torch.nn.Module):
-                pytest.fail("the model was deep-copied to be saved")
-            return real_deepcopy(value, *args, **kwargs)
-
         with monkeypatch.context() as patch:
             patch.setattr(copy, "deepcopy", no_model_copies)
             save_pretrained(policy, tiny_tokenizer, tmp_path / str(dtype))

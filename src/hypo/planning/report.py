@@ -82,7 +82,7 @@ def format_plan(plan: Plan, advice: Advice | None = None, *, decode_step_seconds
             lines += ["each of these alone makes it fit:"]
             lines += [f"  {flags}  -> {gb(p.peak)} GB ({change.name}: {change.cost})"
                       for change, flags, p in advice.alone]
-        if advice.together and advice.together_plan is not None and len(advice.together) > 1:
+        if not advice.alone and advice.together and advice.together_plan is not None:
             names = ", ".join(change.name for change in advice.together)
             lines += [f"together ({names}): {advice.together_flags}  -> {gb(advice.together_plan.peak)} GB"]
         if not advice.alone and not advice.together:
