@@ -192,3 +192,41 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tiny_model_dir, tiny
     _run({**options, "resume_from_checkpoint": "latest"}, processes=2)
     _assert_identical(tmp_path / "whole" / "model", killed_dir / "model")
     assert [r["step"] for r in _train_records(killed_dir)] == list(range(1, 81))
+
+
+def test_a_lora_model_is_saved_merged_on_the_cpu_without_a_copy_of_the_model(tiny_tokenizer, tmp_path, monkeypatch):
+    """The merged model is built weight by weight on the CPU in float32 (no deep copy of the model, which took as
+    much memory again on its device), gives the LoRA policy's logits, and a bf16 base is saved in float32 (the
+    merged delta is not rounded to bf16)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_model
+    from hypo.models.loading import add_lora
+    from hypo.training.checkpoints import save_pretrained
+
+    real_deepcopy = copy.deepcopy
+
+    def no_model_copies(value, *args, **kwargs):  # configs may be copied, models may not
+        if isinstance(value, torch.nn.Module):
+            pytest.fail("the model was deep-copied to be saved")
+        return real_deepcopy(value, *args, **kwargs)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        policy = add_lora(build_model(tiny_tokenizer, seed=1).to(dtype), r=4, alpha=8, dropout=0.0,
+                          target_modules="all-linear")
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        expected = copy.deepcopy(policy).float().merge_and_unload()
+        with monkeypatch.context() as patch:
+            patch.setattr(copy, "deepcopy", no_model_copies)
+            save_pretrained(policy, tiny_tokenizer, tmp_path / str(dtype))
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / str(dtype), dtype="auto")
+        assert saved.dtype == torch.float32 and (tmp_path / str(dtype) / "adapter").is_dir()
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            torch.testing.assert_close(saved(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-5,
+                                       atol=1e-5)
+        assert {p.dtype for n, p in policy.named_parameters() if "lora" not in n} == {dtype}  # untouched

@@ -178,6 +178,10 @@ def test_right_types_pass_and_ints_become_floats():
     ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1), got 1.0"),
     ({"save_steps": -1}, "save_steps must be >= 0"),
     ({"eval_max_prompts": -1}, "eval_max_prompts must be >= 0"),
+    ({"ddp_timeout": 0}, "ddp_timeout must be >= 1 second"),
+    ({"attn_implementation": " "}, "attn_implementation must be a kernel name"),
+    ({"fused_lm_head": True, "share_prompt_forward": True}, "fused_lm_head scores whole rows"),
+    ({"vllm_enable_sleep_mode": True}, "vllm_enable_sleep_mode puts a colocated engine to sleep"),
 ])
 def test_out_of_range_values_are_reported(overrides, message):
     with pytest.raises(ValueError, match="invalid configuration") as info:
@@ -244,3 +248,11 @@ def test_non_utf8_file_names_the_file(tmp_path):
     path.write_bytes(b"beta: 0.1\nreport_to: caf\xe9\n")
     with pytest.raises(ValueError, match=r"run\.yaml: not UTF-8 text"):
         read_config_file(path)
+
+
+def test_a_bfloat16_lora_base_does_not_warn_but_bfloat16_full_weights_do(recwarn):
+    """With LoRA, dtype is the frozen base's: bf16 loses no update (the adapters stay float32)."""
+    HyPOConfig(use_peft=True, dtype="bfloat16")
+    assert not [w for w in recwarn if "bfloat16" in str(w.message)]
+    with pytest.warns(UserWarning, match="rounded away"):
+        HyPOConfig(dtype="bfloat16")

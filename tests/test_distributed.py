@@ -1,5 +1,7 @@
-"""The unchanged training code under `accelerate launch` with 2 CPU processes (gloo data parallel)."""
+"""The unchanged training code under `accelerate launch` with 2 CPU processes (gloo data parallel); gradient
+synchronization and the process group's settings."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -70,3 +72,33 @@ def test_generation_under_fsdp2_puts_back_each_module_s_reshard_setting(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     settings = json.loads(proc.stdout.strip().splitlines()[-1])
     assert settings["before"] == settings["after"] == [[False], [True]]  # root: stays gathered; layer: reshards
+
+
+def test_fsdp2_reduce_scatters_every_backward_and_ddp_only_the_last():
+    """Under FSDP2 a skipped reduce-scatter keeps every micro-step's gradients unsharded on each GPU (16 GB in bf16
+    at 8B): every backward reduce-scatters. DDP skips the all-reduce until the last micro-step."""
+    from types import SimpleNamespace
+
+    from hypo.training.backward import gradient_sync
+
+    calls = []
+    ddp = SimpleNamespace(is_fsdp2=False, no_sync=lambda model: calls.append("no_sync") or contextlib.nullcontext())
+    fsdp2 = SimpleNamespace(is_fsdp2=True, no_sync=lambda model: calls.append("no_sync") or contextlib.nullcontext())
+    with gradient_sync(fsdp2, "model", sync=False), gradient_sync(fsdp2, "model", sync=True):
+        pass
+    assert calls == []
+    with gradient_sync(ddp, "model", sync=False):
+        pass
+    with gradient_sync(ddp, "model", sync=True):
+        pass
+    assert calls == ["no_sync"]
+
+
+def test_the_process_group_waits_as_long_as_asked_and_ddp_keeps_one_copy_of_the_gradients(tmp_path):
+    """The collective timeout (ddp_timeout; NCCL's own default is 10 minutes) is handed to the process group, and
+    DDP's gradients are views of its all-reduce buckets."""
+    from hypo.runtime.accelerator import make_accelerator
+
+    accelerator = make_accelerator(mixed_precision="no", trackers=[], project_dir=tmp_path, timeout_seconds=3600)
+    assert accelerator.init_handler.timeout.total_seconds() == 3600
+    assert accelerator.ddp_handler.gradient_as_bucket_view is True

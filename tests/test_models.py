@@ -321,3 +321,32 @@ def test_embedded_default_converts_once_and_matches_the_gguf(tmp_path, monkeypat
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, direct(input_ids=ids).logits, atol=1e-5)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_attention_kernel_is_passed_to_transformers(tiny_model_dir):
+    assert load_causal_lm(str(tiny_model_dir), attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_causal_lm(str(tiny_model_dir)).config._attn_implementation == "sdpa"  # transformers' choice
+
+
+def test_a_bfloat16_lora_base_keeps_float32_adapters_that_learn_under_checkpointing(tiny_model_dir, tiny_task):
+    """The LoRA recipes' set-up: bf16 frozen base, gradient checkpointing; the adapters are float32 and get
+    gradients through the checkpointed layers (the frozen embeddings give the layers no input requiring grad)."""
+    from hypo.config import HyPOConfig
+    from hypo.models.loading import check_adapters_float32, load_policy_and_reference
+
+    config = HyPOConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, dtype="bfloat16",
+                        gradient_checkpointing=True, dataset=str(tiny_task["pairs"]))
+    _, policy, reference = load_policy_and_reference(config)
+    base = {p.dtype for n, p in policy.named_parameters() if "lora" not in n}
+    adapters = {p.dtype for p in policy.parameters() if p.requires_grad}
+    assert base == {torch.bfloat16} and adapters == {torch.float32}
+    policy.train()
+    ids = torch.randint(5, 300, (2, 9))
+    policy(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    b_grads = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]  # B = 0 at init: A's are zero
+    assert len(b_grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in b_grads)
+    with reference.active() as ref_model:  # the reference is the bf16 base with the adapters off
+        assert ref_model is policy
+    policy.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="must be float32"):
+        check_adapters_float32(policy)

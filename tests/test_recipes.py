@@ -86,9 +86,12 @@ def test_recipes_are_valid_configs_with_the_expected_keys():
         values = read_config_file(recipe)  # unknown keys or wrong types are errors
         config = HyPOConfig(**values)
         full_8gpu = recipe.stem.endswith("-full")  # sharded full fine-tuning: bf16 GPUs only, stated
-        assert config.dtype == "float32", recipe.name  # float32 master weights: no bf16 update is lost
+        lora = recipe.stem.endswith("-lora")
+        # float32 master weights: no bf16 update is lost; LoRA's dtype is its frozen base's (adapters: float32)
+        assert config.dtype == ("bfloat16" if lora else "float32"), recipe.name
         assert config.mixed_precision == ("bf16" if full_8gpu else "auto"), recipe.name
-        assert config.gradient_checkpointing == full_8gpu and config.use_peft == recipe.stem.endswith("-lora")
+        # 8B: activations of 8 rows of 1,024 tokens are recomputed (`hypo plan`)
+        assert config.gradient_checkpointing == (full_8gpu or lora) and config.use_peft == lora
         assert config.dataset in HUB_DATA and config.eval_dataset in HUB_DATA, recipe.name
     pairs = {}  # DPO and HyPO of a setting differ only in the method and the online term's keys
     for recipe in TRAIN_RECIPES:
@@ -150,8 +153,13 @@ def test_train_recipe_dry_run(recipe, hub, tiny_model_dir, tmp_path):
     assert samples and all("held out" in s["prompt"] for s in samples)  # the recipe's held-out split was read
     config = json.loads((out / "config.json").read_text())
     assert config["dataset_split"] in ("train", "train_prefs") and (out / "model" / "config.json").is_file()
-    if config["use_peft"]:
+    if config["use_peft"]:  # the bf16 base's float32 adapters learned through the checkpointed layers
         assert (out / "model" / "adapter").is_dir()
+        from safetensors.torch import load_file
+
+        adapter = load_file(str(out / "model" / "adapter" / "adapter_model.safetensors"))
+        b_weights = [t for name, t in adapter.items() if "lora_B" in name]  # 0 at the start
+        assert b_weights and all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in b_weights)
     if config["mixed_precision"] == "bf16":  # bf16 compute on float32 master weights: the small steps are kept
         assert changed_fraction(tiny_model_dir, out / "model") > 0.5  # a bf16 weight would keep none of them
 

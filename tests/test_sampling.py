@@ -144,6 +144,8 @@ def test_samples_stop_at_any_stop_token_of_the_model(tiny_tokenizer):
 def test_auto_cache_is_static_on_cuda_only():
     assert resolve_cache_implementation("auto", "cpu") == "dynamic"
     assert resolve_cache_implementation("auto", "cuda:0") == "static"
+    assert resolve_cache_implementation("auto", "cuda:0", sharded=True) == "dynamic"  # FSDP2 / ZeRO-3: no compile
+    assert resolve_cache_implementation("static", "cuda:0", sharded=True) == "static"  # asked for: kept
     assert resolve_cache_implementation("static", "cpu") == "static"
     with pytest.raises(ValueError, match="cache_implementation"):
         resolve_cache_implementation("paged", "cpu")

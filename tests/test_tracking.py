@@ -34,3 +34,34 @@ def test_step_timer_accumulates_named_phases():
         with timer("generation"):
             time.sleep(0.01)
     assert set(timer.seconds) == {"generation"} and timer.seconds["generation"] >= 0.02
+
+
+def test_step_timer_waits_for_the_device_at_every_clock_read():
+    """CUDA kernels run asynchronously: a phase is charged with its GPU work only when each clock read first
+    waits for the device. A stand-in device whose queued work takes 0.05 s after the phase's Python returns."""
+    queued = []
+
+    def synchronize():  # the device finishes what was queued
+        while queued:
+            time.sleep(queued.pop())
+
+    timer = StepTimer(synchronize=synchronize)
+    start = timer.now()
+    with timer("generation"):
+        queued.append(0.05)  # the kernels were launched; the launch itself returned at once
+    with timer("reference"):
+        pass
+    assert timer.seconds["generation"] >= 0.05 and timer.seconds["reference"] < 0.05
+    assert timer.now() - start >= 0.05
+
+
+def test_step_timer_synchronizes_cuda_by_default(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    timer = StepTimer()
+    with timer("generation"):
+        pass
+    timer.now()
+    assert calls == ["sync"] * 3  # at the phase's start and end, and at the step's clock read

@@ -164,6 +164,63 @@ def test_lora_is_pushed_merged_without_touching_the_policy(tiny_tokenizer):
     assert merged_lora_state_dict(policy).keys() == merged.keys()
 
 
+def test_merged_lora_weights_stream_one_tensor_at_a_time(tiny_tokenizer):
+    """The merged weights of a LoRA model come one tensor at a time: when the consumer takes the next one, the
+    merged tensor it dropped is gone (the generator keeps no reference), so the merge costs one weight, not a
+    copy of the model. Merged in float32 and cast to the requested dtype, on the requested device."""
+    import gc
+    import weakref
+
+    from hypo.models.loading import add_lora
+    from hypo.models.merging import merged_lora_tensors
+
+    policy = add_lora(build_model(tiny_tokenizer, seed=1), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    made = {id(t) for t in policy.state_dict().values()}
+    alive, merged_names = [], []
+    for name, tensor in merged_lora_tensors(policy, dtype=torch.bfloat16, device="cpu"):
+        gc.collect()
+        assert sum(ref() is not None for ref in alive) == 0, f"a merged tensor outlived the step before {name}"
+        assert tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu"
+        if id(tensor) not in made and "proj" in name:
+            alive.append(weakref.ref(tensor))
+            merged_names.append(name)
+        del tensor
+    assert len(merged_names) == 2 * 7  # every linear layer of both decoder layers
+    expected = merged_lora_state_dict(policy)  # all at once, float32: the same values
+    streamed = dict(merged_lora_tensors(policy))
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[k], expected[k]) for k in expected)
+
+
+def test_a_push_replaces_the_previous_file_and_a_folder_without_room_is_refused(tmp_path, tiny_tokenizer, monkeypatch):
+    """The previous weights file is deleted before the next is written (the folder never holds two), and a
+    folder without room (Docker's 64 MB /dev/shm) is refused before anything is written, naming the fix."""
+    import shutil as shutil_module
+
+    from hypo.sampling.vllm import weights as weights_module
+
+    model = build_model(tiny_tokenizer)
+    write_weights(vllm_state_dict(model), tmp_path)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    seen_free = []
+    real_usage = shutil_module.disk_usage
+
+    def usage(path):
+        seen_free.append((tmp_path / "model.safetensors").exists())
+        return real_usage(path)
+
+    monkeypatch.setattr(weights_module.shutil, "disk_usage", usage)
+    write_weights(vllm_state_dict(model), tmp_path)
+    assert seen_free == [False] and (tmp_path / "model.safetensors").stat().st_size == size
+    monkeypatch.setattr(weights_module.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=64 * 2**20 // 1000))
+    with pytest.raises(ValueError, match="--shm-size"):
+        write_weights(vllm_state_dict(model), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
 # --- a fake server on 127.0.0.1 -------------------------------------------------------------------------------
 
 
@@ -428,6 +485,58 @@ def test_colocate_engine_arguments_outputs_and_weight_loading(monkeypatch, tiny_
     push = engine.push_weights(model)
     assert calls["reset"] and calls["loaded"].keys() == vllm_state_dict(model).keys()
     assert push.write_seconds == 0 and push.tensors == len(calls["loaded"])
+
+
+def test_colocate_sleep_mode_frees_the_engine_between_samplings(monkeypatch, tiny_tokenizer):
+    """With sleep mode (TRL's way), the engine sleeps at level 2 after each sampling; a push wakes its weights
+    and loads the policy's; a sampling wakes its KV cache; a sampling with the weights asleep and no push since
+    (the next micro-step of the same optimizer step) loads the last pushed model again first."""
+    events = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            events.append(("init", kwargs.get("enable_sleep_mode")))
+
+        def collective_rpc(self, method, kwargs):
+            names = [name for name, _ in kwargs["weights_iterator"]]
+            events.append(("load", len(names)))
+
+        def generate(self, prompts, params, use_tqdm):
+            events.append(("generate",))
+            return [types.SimpleNamespace(outputs=[]) for _ in prompts]
+
+        def reset_prefix_cache(self):
+            events.append(("reset",))
+
+        def sleep(self, level):
+            events.append(("sleep", level))
+
+        def wake_up(self, tags):
+            events.append(("wake", tuple(tags)))
+
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.LLM, fake_vllm.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.setattr("hypo.sampling.vllm.colocate.completions_from_samples", lambda *a, **k: "samples")
+    engine = VLLMColocate("some/model", max_model_len=64, enable_sleep_mode=True)
+    model = build_model(tiny_tokenizer)
+    tensors = len(model.state_dict())
+    draw = dict(num_generations=2, max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    engine.push_weights(model)  # at set-up, the engine awake
+    engine.generate(PROMPTS, PROMPT_MASK, **draw)  # step 1, micro-step 1
+    engine.generate(PROMPTS, PROMPT_MASK, **draw)  # micro-step 2: no push between
+    engine.push_weights(model)  # after the optimizer step
+    engine.generate(PROMPTS, PROMPT_MASK, **draw)
+    assert events == [
+        ("init", True), ("load", tensors), ("reset",),
+        ("generate",), ("sleep", 2),
+        ("wake", ("weights",)), ("load", tensors), ("reset",), ("wake", ("kv_cache",)), ("generate",), ("sleep", 2),
+        ("wake", ("weights",)), ("load", tensors), ("reset",), ("wake", ("kv_cache",)), ("generate",), ("sleep", 2)]
+    events.clear()
+    plain = VLLMColocate("some/model", max_model_len=64)  # sleep mode off: the engine never sleeps
+    plain.push_weights(model)
+    plain.generate(PROMPTS, PROMPT_MASK, **draw)
+    assert events == [("init", None), ("load", tensors), ("reset",), ("generate",)]
 
 
 # --- hypo bench ------------------------------------------------------------------------------------------------

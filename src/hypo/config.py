@@ -105,6 +105,11 @@ class HyPOConfig:
     vllm_gpu_memory_utilization: float = _help(
         "Colocate mode: fraction of the GPU's memory the vLLM engine takes (weights + KV cache); the training "
         "process keeps the rest. For a server, pass --gpu-memory-utilization to `vllm serve`.", 0.3)
+    vllm_enable_sleep_mode: bool = _help(
+        "Colocate mode: the engine sleeps after each sampling (vLLM's sleep mode, level 1: its weights go to CPU "
+        "memory, its KV cache is freed) and wakes for the next push and sampling, so the backward passes get its "
+        "share of the GPU back (TRL's name). Costs a copy of the engine's weights to the CPU and back per "
+        "sampling (not measured here).", False)
 
     # --- model ------------------------------------------------------------------------------------------
     model_name_or_path: str = _help(
@@ -119,7 +124,9 @@ class HyPOConfig:
         "auto")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = _help(
         "Weights dtype. Keep float32 (with mixed_precision for speed): bfloat16 weights round most AdamW updates "
-        "away (about 9 in 10 weights never change at learning rates near 1e-5), float16 weights are refused.",
+        "away (about 9 in 10 weights never change at learning rates near 1e-5), float16 weights are refused. With "
+        "use_peft it is the frozen base's dtype: bfloat16 halves the base (16 GB instead of 32 at 8B) and spares "
+        "autocast's bf16 copy of every weight; the trained adapters stay float32.",
         "float32")
     use_peft: bool = _help("Train LoRA adapters; the reference is then the base model with adapters disabled.", False)
     lora_r: int = _help("LoRA rank.", 16)
@@ -127,6 +134,10 @@ class HyPOConfig:
     lora_dropout: float = _help("LoRA dropout (0 keeps the log-probs deterministic).", 0.0)
     lora_target_modules: str = _help("Comma-separated module names, or all-linear.", "all-linear")
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory (slower).", False)
+    attn_implementation: str | None = _help(
+        "Attention kernel of the policy and the reference (transformers' attn_implementation: sdpa, eager, "
+        "flash_attention_2, ...); default: transformers' choice (sdpa where the model supports it). eager keeps "
+        "every layer's (heads, length, length) probabilities for the backward.")
 
     # --- data -------------------------------------------------------------------------------------------
     task: str = _help("Bundled task used when --dataset is not given (pairs, prompts, eval prompts, judge).",
@@ -159,6 +170,17 @@ class HyPOConfig:
         "prompt's cached keys and values: the same log-probs and gradients for less compute. Default: on CPUs "
         "(DPO step 4.12 -> 3.60 s on 2 cores), off on GPUs (two small forwards cost more kernel launches than one: "
         "DPO 0.181 vs 0.096 s per step for a 1.1B model on an H100). Not used with gradient_checkpointing.")
+    fused_lm_head: bool = _help(
+        "Per-token log-probs through TRL's fused output layer (trl.trainer.add_fused_lm_head, TRL's DPOTrainer's "
+        "way): the output layer runs on 4,096 positions x 32,768 words at a time in the forward and again in the "
+        "backward, so the (rows, positions, vocabulary) logits never exist. The plain path keeps about 10 bytes "
+        "per logit through the backward (float32 logits, their gradient): 5.3 GB for 8 rows x 513 positions at "
+        "Llama 3's vocabulary of 128,256. Needs trl; not with share_prompt_forward.", False)
+    group_by_length: bool = _help(
+        "Batches of rows of similar length: each epoch's seeded order is cut into groups of 50 batches, each "
+        "sorted by length (transformers' LengthGroupedSampler; the group with the longest row first), so batches "
+        "carry less padding. Changes which rows train together (off: the order of earlier runs); resuming "
+        "continues it exactly.", False)
     precompute_ref_log_probs: bool = _help(
         "Cache the reference log-probs of each offline pair the first time it is seen (the reference is frozen).",
         True)
@@ -187,6 +209,10 @@ class HyPOConfig:
     eval_max_prompts_during_training: int = _help(
         "Held-out prompts used by the evaluations every eval_steps (0: as eval_max_prompts).", 16)
     num_threads: int | None = _help("CPU threads for torch (default: torch's choice).")
+    ddp_timeout: int = _help(
+        "Seconds a process waits in a collective before the run fails (torch.distributed's timeout; "
+        "transformers' name and default). The other processes wait while the main process evaluates alone: "
+        "`hypo plan` estimates how long that takes.", 1800)
 
     # --- data sources, held-out pairs, sharing (used by the paper's recipes in recipes/) -----------------
     dataset_config: str | None = _help(
@@ -226,7 +252,7 @@ class HyPOConfig:
 
     def __post_init__(self) -> None:
         check_config(self, _problems)
-        if self.dtype == "bfloat16":
+        if self.dtype == "bfloat16" and not self.use_peft:  # LoRA: the frozen base only; adapters stay float32
             warnings.warn("dtype=bfloat16 keeps the weights themselves in bf16 (8 bits of mantissa): AdamW updates "
                           "smaller than about 1/256 of a weight are rounded away, so at learning rates near 1e-5 "
                           "most weights never change (measured: 84-90% of weight elements unchanged after 4-12 "
@@ -344,6 +370,7 @@ def _problems(c: HyPOConfig):
     if c.eval_temperature <= 0 or not 0 < c.eval_top_p <= 1:
         yield f"eval_temperature must be > 0 and eval_top_p in (0, 1], got {c.eval_temperature} and {c.eval_top_p}"
     yield from _vllm_problems(c)
+    yield from _memory_problems(c)
     yield from optimization_problems(c)
     if not 0 <= c.lora_dropout < 1:
         yield f"lora_dropout must be in [0, 1), got {c.lora_dropout}"
@@ -457,6 +484,19 @@ def _vllm_problems(c: HyPOConfig):
         yield "use_vllm samples the online KL term's completions; method dpo samples nothing (drop use_vllm)"
     if c.vllm_mode == "colocate" and (c.vllm_server_base_url or c.vllm_server_weights_dir):
         yield "vllm_server_base_url and vllm_server_weights_dir are for vllm_mode server, not colocate"
+
+
+def _memory_problems(c: HyPOConfig):
+    """Checks of the options that trade memory for speed."""
+    if c.ddp_timeout < 1:
+        yield f"ddp_timeout must be >= 1 second, got {c.ddp_timeout}"
+    if c.attn_implementation is not None and not c.attn_implementation.strip():
+        yield "attn_implementation must be a kernel name (sdpa, eager, flash_attention_2, ...) or unset"
+    if c.fused_lm_head and c.share_prompt_forward:
+        yield "fused_lm_head scores whole rows in one forward; share_prompt_forward scores completions against " \
+              "cached prompts: choose one"
+    if c.vllm_enable_sleep_mode and not (c.use_vllm and c.vllm_mode == "colocate"):
+        yield "vllm_enable_sleep_mode puts a colocated engine to sleep: it needs use_vllm and vllm_mode colocate"
 
 
 @functools.cache

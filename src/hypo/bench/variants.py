@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hypo.bench.probes import bench_device, measure_machine, timed, weights_changed
+from hypo.bench.probes import bench_device, measure_machine, sync, timed, weights_changed
 from hypo.bench.settings import BenchSettings, median_after_warmup, peak_rss_gb
 
 
@@ -46,9 +46,11 @@ def _step_timer():
             self.start = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            sync()  # the GPU's queued work belongs to the step before
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            sync()
             self.times.append(time.perf_counter() - self.start)
 
     return StepTimes()

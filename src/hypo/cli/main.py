@@ -17,6 +17,7 @@ commands:
   hypo train [--config FILE] [--option value ...]   fine-tune with HyPO (default) or DPO
   hypo eval --model DIR [--reference DIR] [...]     reverse KL and judged win rate on held-out prompts
   hypo sft [--config FILE] [--option value ...]     supervised fine-tuning (TRL's SFTTrainer), for recipes
+  hypo plan [--config FILE] [--accelerate_config F]  peak GPU memory of a train run by part, before launch
   hypo export --model DIR --format F --questions Q  answers for AlpacaEval 2 (alpaca_eval) or MT-Bench (mt_bench)
   hypo report RUN_DIR [RUN_DIR ...] [--output_dir D] compare runs: a markdown table and plots
   hypo lab bandit [--quick] [--seed N] [...]         coverage lab: exact bandit DPO / HyPO / RLHF study
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], normalize_flags(argv[1:])
     commands = {"train": _command("hypo.cli.train", "run_train"), "sft": _command("hypo.cli.train", "run_sft"),
+                "plan": _command("hypo.cli.plan", "run_plan"),
                 "eval": _command("hypo.cli.evaluate", "run_eval"), "report": _command("hypo.cli.evaluate", "run_report"),
                 "export": _command("hypo.cli.evaluate", "run_export"), "lab": run_lab, "bench": run_bench}
     if command not in commands:

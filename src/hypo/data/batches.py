@@ -65,6 +65,28 @@ class PairCollator(PromptCollator):
         return batch
 
 
+def pair_length(item: dict) -> int:
+    """The tokens a pair adds to the padded width of its batch: its prompt and its longer completion."""
+    return len(item["prompt_input_ids"]) + max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
+
+
+def prompt_length(item: dict) -> int:
+    return len(item["prompt_input_ids"])
+
+
+def length_grouped(order: list[int], lengths: Sequence[int], group_size: int) -> list[int]:
+    """`order` cut into consecutive groups of `group_size`, each sorted by length, longest first, and the
+    longest item of all moved to the front (transformers' `get_length_grouped_indices`: a run that runs out of
+    memory does so at its first batch). Batches taken in turn from the result hold rows of similar lengths.
+
+    Example: order [0, 1, 2, 3, 4, 5], lengths [1, 9, 2, 8, 7, 3], groups of 3 -> [1, 2, 0, 3, 4, 5]:
+    groups [1, 2, 0] and [3, 4, 5] (each longest first); 1 (length 9) is already first.
+    """
+    groups = [sorted(order[i : i + group_size], key=lambda j: lengths[j], reverse=True)
+              for i in range(0, len(order), group_size)]
+    longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+    groups[0][0], groups[longest][0] = groups[longest][0], groups[0][0]
+    return [i for group in groups for i in group]
 
 
 class ShuffledBatches:
@@ -73,17 +95,26 @@ class ShuffledBatches:
     epoch after epoch from the same generator (tested equal); full batches only. Process i takes global
     batches i, i + P, i + 2P, ... The position is a number of batches, so a resumed run continues exactly
     where it stopped: `start` is how many batches this process has already taken.
+
+    With `lengths` (one per item, e.g. `pair_length`), each epoch's order is then grouped by length
+    (`length_grouped`, groups of `GROUP_BATCHES` global batches): the same draws, so the order still follows
+    from the seed and the epoch alone, and a resumed run still continues exactly.
     """
+
+    GROUP_BATCHES = 50  # transformers' LengthGroupedSampler's megabatch, in batches of every process
 
     def __init__(self, items: list[dict], batch_size: int, collate_fn, *, seed: int, what: str,
                  process_index: int = 0, num_processes: int = 1, device: torch.device | str = "cpu",
-                 start: int = 0) -> None:
+                 start: int = 0, lengths: Sequence[int] | None = None) -> None:
         self.batches_per_epoch = len(items) // batch_size // num_processes * num_processes
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(items)} {what} is fewer than one batch of {batch_size} on each of "
                              f"{num_processes} process(es)")
+        if lengths is not None and len(lengths) != len(items):
+            raise ValueError(f"{len(lengths)} lengths for {len(items)} {what}")
         self.items, self.batch_size, self.collate_fn, self.device = items, batch_size, collate_fn, device
         self.seed, self.process_index, self.num_processes = seed, process_index, num_processes
+        self.lengths = lengths
         self.position = start
         self._generator, self._epoch, self._order = torch.Generator().manual_seed(seed), -1, []
 
@@ -96,6 +127,9 @@ class ShuffledBatches:
             torch.empty((), dtype=torch.int64).random_(generator=self._generator)
             self._order = torch.randperm(len(self.items), generator=self._generator).tolist()
             torch.randperm(len(self.items), generator=self._generator)
+            if self.lengths is not None:
+                group = self.GROUP_BATCHES * self.batch_size * self.num_processes
+                self._order = length_grouped(self._order, self.lengths, group)
             self._epoch += 1
         return self._order
 

@@ -31,6 +31,7 @@ from hypo.evaluation.stats import mean_and_se, win_rate_interval
 from hypo.models.tokens import stop_token_ids
 from hypo.objective.logprobs import completion_logps
 from hypo.objective.losses import kl_estimates
+from hypo.runtime.distributed import is_sharded
 from hypo.sampling.generate import generate_completions, resolve_cache_implementation
 
 KL_ON_JUDGED_SAMPLES = "the judged policy samples (temperature 1, no truncation)"
@@ -209,7 +210,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts: list[dict], *, judge,
                 "num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "kl_samples": KL_ON_SEPARATE_SAMPLES if separate else KL_ON_JUDGED_SAMPLES,
                 "stop_token_ids": stop_token_ids(policy, tokenizer),
-                "cache_implementation": resolve_cache_implementation(cache_implementation, device), "seed": seed}
+                "cache_implementation": resolve_cache_implementation(cache_implementation, device,
+                                                                     sharded=is_sharded(policy)), "seed": seed}
     if judge_impl is not None:
         settings["judge_min_valid_fraction"] = min_valid_fraction
     metrics = summarize(rows, judge_impl is not None, min_valid_fraction=min_valid_fraction)

@@ -61,7 +61,7 @@ def pair_metric_sums(ctx, pairs: list[dict], *, batch_size: int) -> torch.Tensor
         for start in range(0, len(pairs), batch_size):
             batch = {k: v.to(device) for k, v in collate(pairs[start : start + batch_size]).items()}
             scoring = {"pad_token_id": ctx.pad_token_id, "share_prompt": ctx.share_prompt,
-                       "token_weights": pair_token_weights(config, batch)}
+                       "token_weights": pair_token_weights(config, batch), "fused_lm_head": config.fused_lm_head}
             with ctx.reference.active() as ref_model:
                 ref_chosen, ref_rejected = pair_logps(ref_model, batch, **scoring)  # (B,), (B,)
             chosen, rejected = pair_logps(ctx.policy, batch, **scoring)  # (B,), (B,)

@@ -53,14 +53,36 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: str = "float32"):
-    """Causal LM with dropout switched off (its config's dropout fields set to 0)."""
+def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
+    """Causal LM with dropout switched off (its config's dropout fields set to 0); `attn_implementation` as
+    transformers reads it (None: transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     disable_dropout(model)
     return model
+
+
+def add_fused_lm_head(model) -> None:
+    """Give `model` (a transformers causal LM, not a peft wrapper) TRL's fused output layer, as TRL's DPOTrainer
+    does: called with `labels` and `fused_lm_head=True` it returns the labels' log-probs, computed tile by tile
+    in float32 without materializing the logits; called without, it is the model's own forward (generation is
+    unchanged). See `hypo.objective.logprobs.completion_per_token_logps`."""
+    try:
+        from trl.trainer import add_fused_lm_head as trl_add_fused_lm_head
+    except ImportError:
+        raise ValueError("fused_lm_head uses TRL's fused output layer: pip install 'hypo[trl]' (trl>=1.16)") from None
+    trl_add_fused_lm_head(model)
+
+
+def check_adapters_float32(model) -> None:
+    """LoRA trains its adapters: they must be float32 whatever the frozen base's dtype (peft casts bf16 adapters
+    up by default; a float16 or bfloat16 adapter would lose AdamW's small updates)."""
+    low = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+    if low:
+        raise ValueError(f"LoRA adapters in {', '.join(low)}: they must be float32 (peft's autocast_adapter_dtype)")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -160,7 +182,7 @@ def load_policy_and_reference(config, checkpoint: Path | None = None, given: Giv
     lora = uses_lora(config, given)
     if given.model is None:
         full_weights = str(checkpoint) if checkpoint is not None and not lora else policy_path
-        policy = load_causal_lm(full_weights, config.dtype)
+        policy = load_causal_lm(full_weights, config.dtype, config.attn_implementation)
     else:
         policy = given.model
         disable_dropout(policy)
@@ -170,18 +192,25 @@ def load_policy_and_reference(config, checkpoint: Path | None = None, given: Giv
         given.ref_model is None and not config.ref_model_name_or_path else None
     if given.model is not None and checkpoint is not None and not lora:
         load_saved_weights(policy, checkpoint)
+    if config.fused_lm_head:
+        add_fused_lm_head(policy.get_base_model() if is_peft_model(policy) else policy)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if lora:
         policy = _lora_policy(policy, config, given, checkpoint)
+        check_adapters_float32(policy)  # on a bfloat16 base too (dtype: the frozen base's)
         return tokenizer, policy, Reference(peft_policy=policy)
     if given.ref_model is not None:
-        disable_dropout(given.ref_model)
-        return tokenizer, policy, Reference(given.ref_model)
-    if copied_reference is not None:
-        return tokenizer, policy, Reference(copied_reference)
-    ref_path = resolve_model_path(config.ref_model_name_or_path) if config.ref_model_name_or_path else policy_path
-    return tokenizer, policy, Reference(load_causal_lm(ref_path, config.dtype))
+        reference = given.ref_model
+        disable_dropout(reference)
+    elif copied_reference is not None:
+        reference = copied_reference
+    else:
+        ref_path = resolve_model_path(config.ref_model_name_or_path) if config.ref_model_name_or_path else policy_path
+        reference = load_causal_lm(ref_path, config.dtype, config.attn_implementation)
+    if config.fused_lm_head:
+        add_fused_lm_head(reference)
+    return tokenizer, policy, Reference(reference)
 
 
 def run_tokenizer(config, given: GivenModels | None = None):

@@ -64,25 +64,31 @@ def completion_per_token_logps(
     prompt_attention_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    *,
+    fused_lm_head: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs of right-padded completions after left-padded prompts, in one forward pass
-    (padding positions hold the log-prob of the pad id; mask them).
+    (padding positions hold the log-prob of the pad id, or 0 with `fused_lm_head`; mask them).
 
     Positions skip the left padding (as in `generate`), and the output layer runs only on the
-    completion positions (`logits_to_keep`).
+    completion positions (`logits_to_keep`). With `fused_lm_head` (a model given TRL's fused output layer,
+    `hypo.models.loading.add_fused_lm_head`) no logits are made: the model returns the log-probs of the
+    labels, the completion tokens, computed tile by tile in float32.
 
     Shape: prompts (B, P), completions (B, C) -> (B, C)
     """
     input_ids = torch.cat([prompt_input_ids, completion_ids], dim=1)  # (B, P + C)
     attention_mask = torch.cat([prompt_attention_mask, completion_mask], dim=1)  # (B, P + C)
     completion_length = completion_ids.shape[1]
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=completion_length + 1,
-        use_cache=False,
-    ).logits[:, :-1]  # (B, C, V): position P - 1 + t predicts completion token t
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}
+    if fused_lm_head:
+        labels = torch.cat([torch.full_like(prompt_input_ids, -100),
+                            completion_ids.masked_fill(completion_mask == 0, -100)], dim=1)  # (B, P + C)
+        # (B, P + C - 1): position t scores label t + 1; the last C are the completion tokens
+        return model(**inputs, labels=labels, fused_lm_head=True).log_probs[:, -completion_length:]  # (B, C)
+    logits = model(**inputs, logits_to_keep=completion_length + 1).logits[:, :-1]
+    # (B, C, V): position P - 1 + t predicts completion token t
     return selective_log_softmax(logits, completion_ids)  # (B, C)
 
 
@@ -93,6 +99,8 @@ def completion_logps(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     token_weights: torch.Tensor | None = None,
+    *,
+    fused_lm_head: bool = False,
 ) -> torch.Tensor:
     """Sequence log-probs of right-padded completions after left-padded prompts (`completion_per_token_logps`
     summed over the mask, or weighted by `token_weights`, (B, C), zero on padding).
@@ -100,7 +108,8 @@ def completion_logps(
     Shape: prompts (B, P), completions (B, C) -> (B,)
     """
     per_token_logps = completion_per_token_logps(
-        model, prompt_input_ids, prompt_attention_mask, completion_ids, completion_mask)  # (B, C)
+        model, prompt_input_ids, prompt_attention_mask, completion_ids, completion_mask,
+        fused_lm_head=fused_lm_head)  # (B, C)
     return sequence_logps(per_token_logps, completion_mask if token_weights is None else token_weights)
 
 
@@ -151,9 +160,11 @@ def shared_prompt_logps(
 
 
 def grouped_completion_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
-                             completion_mask, *, share_prompt: bool, token_weights=None) -> torch.Tensor:
+                             completion_mask, *, share_prompt: bool, token_weights=None,
+                             fused_lm_head: bool = False) -> torch.Tensor:
     """Log-probs of completions whose prompts are rows `prompt_index` of the prompt batch: each prompt
-    run once (`share_prompt`) or repeated per completion (one forward over full rows).
+    run once (`share_prompt`) or repeated per completion (one forward over full rows, through TRL's fused
+    output layer with `fused_lm_head`).
 
     Shape: prompts (G, P), prompt_index (N,), completions (N, C) -> (N,)
     """
@@ -161,7 +172,7 @@ def grouped_completion_logps(model, prompt_input_ids, prompt_attention_mask, pro
         return shared_prompt_logps(model, prompt_input_ids, prompt_attention_mask, prompt_index, completion_ids,
                                    completion_mask, token_weights)
     return completion_logps(model, prompt_input_ids[prompt_index], prompt_attention_mask[prompt_index],
-                            completion_ids, completion_mask, token_weights)
+                            completion_ids, completion_mask, token_weights, fused_lm_head=fused_lm_head)
 
 
 def _pad_right(ids: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -169,9 +180,11 @@ def _pad_right(ids: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, pad_token_id: int, share_prompt: bool,
-               token_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               token_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+               fused_lm_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected log-probs in one pass over 2B completion rows; `token_weights` (chosen (B, C),
-    rejected (B, R)) weight each token in the sums (`hypo.objective.pair_losses.ld_token_weights`).
+    rejected (B, R)) weight each token in the sums (`hypo.objective.pair_losses.ld_token_weights`);
+    `fused_lm_head`: through TRL's fused output layer (no full logits).
 
     Shape: batch of B pairs -> chosen (B,), rejected (B,)
     """
@@ -186,5 +199,5 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, pad_token_id: int, shar
         token_weights = torch.cat([_pad_right(weights, width, 0) for weights in token_weights])  # (2B, C)
     logps = grouped_completion_logps(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
                                      prompt_index, completion_ids, completion_mask, share_prompt=share_prompt,
-                                     token_weights=token_weights)
+                                     token_weights=token_weights, fused_lm_head=fused_lm_head)
     return logps.chunk(2)

@@ -10,15 +10,24 @@ import torch
 from hypo.runtime.precision import forget_other_precision, resolve_mixed_precision
 
 
-def make_accelerator(*, mixed_precision: str, trackers: list[str], project_dir: Path):
+def make_accelerator(*, mixed_precision: str, trackers: list[str], project_dir: Path, timeout_seconds: int = 1800):
     """An `accelerate.Accelerator` for this process: `mixed_precision` resolved (`auto` follows the device),
-    gloo data parallelism when several processes share a machine without a GPU, `trackers` for the metrics."""
+    gloo data parallelism when several processes share a machine without a GPU, `trackers` for the metrics.
+
+    `timeout_seconds`: how long a process waits in a collective (the other processes wait while the main one
+    evaluates alone; NCCL's own default is 10 minutes). Data parallelism keeps the gradients as views of its
+    all-reduce buckets (`gradient_as_bucket_view`), not beside them: one copy of the gradients instead of two."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     precision = resolve_mixed_precision(mixed_precision)
     forget_other_precision(precision)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds), backend=process_group_backend()),
+                DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(project_dir), cpu=multi_process_cpu(),
-                              mixed_precision=precision, kwargs_handlers=deepspeed_on_cpu_handlers())
+                              mixed_precision=precision, kwargs_handlers=handlers)
     if accelerator.num_processes > 1:
         close_process_groups_at_exit()
     return accelerator
@@ -35,15 +44,13 @@ def uses_deepspeed_launcher() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def deepspeed_on_cpu_handlers() -> list:
-    """DeepSpeed on several processes without a GPU (DeepSpeed's CPU accelerator): accelerate needs the gloo
-    backend named, otherwise it counts one process of rank 0 in each (every process then writes as the main
-    one and averages are sums)."""
-    if not (uses_deepspeed_launcher() and not torch.cuda.is_available() and launched_num_processes() > 1):
-        return []
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return [InitProcessGroupKwargs(backend="gloo")]
+def process_group_backend() -> str | None:
+    """The process group's backend when accelerate's own choice is wrong, else None (accelerate's). DeepSpeed on
+    several processes without a GPU (DeepSpeed's CPU accelerator): accelerate needs gloo named, otherwise it
+    counts one process of rank 0 in each (every process then writes as the main one and averages are sums)."""
+    if uses_deepspeed_launcher() and not torch.cuda.is_available() and launched_num_processes() > 1:
+        return "gloo"
+    return None
 
 
 def multi_process_cpu() -> bool:

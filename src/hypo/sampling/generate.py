@@ -49,12 +49,15 @@ class Completions:
         return self.completion_mask.sum(dim=-1)  # (G * k,)
 
 
-def resolve_cache_implementation(cache_implementation: str, device: torch.device | str) -> str:
-    """'auto' -> 'static' on CUDA (transformers compiles its decoding step), 'dynamic' elsewhere."""
+def resolve_cache_implementation(cache_implementation: str, device: torch.device | str, *,
+                                 sharded: bool = False) -> str:
+    """'auto' -> 'static' on CUDA (transformers compiles its decoding step), 'dynamic' elsewhere, and 'dynamic'
+    for a sharded model (FSDP2, ZeRO-3): compiled decoding and the shards' hooks do not mix (a compiled step
+    around FSDP's gathers, or graphs captured on weights gathered for one call only)."""
     if cache_implementation not in CACHE_IMPLEMENTATIONS:
         raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
     if cache_implementation == "auto":
-        return "static" if torch.device(device).type == "cuda" else "dynamic"
+        return "static" if torch.device(device).type == "cuda" and not sharded else "dynamic"
     return cache_implementation
 
 
@@ -105,10 +108,13 @@ def generate_completions(
 
     Shape: prompt_input_ids (G, P) left-padded -> Completions with G * k rows
     """
+    from hypo.runtime.distributed import is_sharded
+
     kwargs = sampling_kwargs(
         max_new_tokens=max_new_tokens, num_return_sequences=num_generations, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, temperature=temperature, top_p=top_p,
-        cache_implementation=resolve_cache_implementation(cache_implementation, prompt_input_ids.device),
+        cache_implementation=resolve_cache_implementation(cache_implementation, prompt_input_ids.device,
+                                                          sharded=is_sharded(model)),
     )
     if return_logps:
         kwargs.update(return_dict_in_generate=True, output_scores=True)

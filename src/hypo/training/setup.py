@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from hypo.config import HyPOConfig, save_config
-from hypo.data.batches import PairCollator, PromptCollator, ShuffledBatches
+from hypo.data.batches import PairCollator, PromptCollator, ShuffledBatches, pair_length, prompt_length
 from hypo.data.sources import InMemoryRows, TrainingData
 from hypo.models.loading import GivenModels, load_policy_and_reference, resolve_model_path
 from hypo.models.reference import Reference
@@ -99,12 +99,15 @@ def training_batches(config: HyPOConfig, data: TrainingData, pad_token_id: int, 
     optimizer steps (a resumed run draws what the uninterrupted one would)."""
     shard = {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
              "device": accelerator.device, "start": start_step * config.gradient_accumulation_steps}
+    grouped = config.group_by_length
     pairs = ShuffledBatches(data.pairs, config.per_device_train_batch_size, PairCollator(pad_token_id),
-                            seed=config.seed, what="pairs", **shard)
+                            seed=config.seed, what="pairs", **shard,
+                            lengths=[pair_length(item) for item in data.pairs] if grouped else None)
     prompts = None
     if config.method == "hypo":
         prompts = ShuffledBatches(data.prompts, config.per_device_prompt_batch_size, PromptCollator(pad_token_id),
-                                  seed=config.seed + 1, what="prompts", **shard)
+                                  seed=config.seed + 1, what="prompts", **shard,
+                                  lengths=[prompt_length(item) for item in data.prompts] if grouped else None)
     return pairs, prompts
 
 
@@ -130,7 +133,8 @@ def prepare_run(config: HyPOConfig, inputs: RunInputs | None = None) -> Run:
     # every data row, the judge, the model paths, rows per batch: the tokenized data (HyPOTrainer checked already)
     data = inputs.data or check_run_inputs(config, inputs.rows, inputs.models)
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
-    accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir)
+    accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir,
+                                   timeout_seconds=config.ddp_timeout)
     check_kl_budget_support(accelerator, config)
     seed_everything(config.seed)
     if accelerator.is_main_process and checkpoint is None:

@@ -76,7 +76,8 @@ def reference_pair_logps(ctx: StepContext, batch: dict[str, torch.Tensor]) -> tu
     if miss:
         with ctx.reference.active() as ref_model:
             chosen, rejected = pair_logps(ref_model, batch, pad_token_id=ctx.pad_token_id, share_prompt=ctx.share_prompt,
-                                          token_weights=pair_token_weights(ctx.config, batch))
+                                          token_weights=pair_token_weights(ctx.config, batch),
+                                          fused_lm_head=ctx.config.fused_lm_head)
         if cache is None:
             return chosen, rejected
         rows = torch.stack([batch["index"].double(), chosen.double(), rejected.double()], dim=1)  # (B, 3)
@@ -96,7 +97,8 @@ def dpo_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> Term:
         ref_chosen, ref_rejected = reference_pair_logps(ctx, batch)
     policy_chosen, policy_rejected = pair_logps(ctx.policy, batch, pad_token_id=ctx.pad_token_id,
                                                 share_prompt=ctx.share_prompt,
-                                                token_weights=pair_token_weights(ctx.config, batch))
+                                                token_weights=pair_token_weights(ctx.config, batch),
+                                                fused_lm_head=ctx.config.fused_lm_head)
     losses, chosen_rewards, rejected_rewards = configured_dpo_loss(ctx.config, batch, policy_chosen, policy_rejected,
                                                                    ref_chosen, ref_rejected)
     per_pair = preference_metrics(policy_chosen, policy_rejected, chosen_rewards, rejected_rewards)
@@ -140,8 +142,10 @@ def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
     sample_args = (prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"], prompt_index,
                    samples.completion_ids, samples.completion_mask)
     with ctx.timer("reference"), torch.no_grad(), ctx.reference.active() as ref_model:
-        ref_logps = grouped_completion_logps(ref_model, *sample_args, share_prompt=ctx.share_prompt)  # (G * k,)
-    policy_logps = grouped_completion_logps(ctx.policy, *sample_args, share_prompt=ctx.share_prompt)  # with grad
+        ref_logps = grouped_completion_logps(ref_model, *sample_args, share_prompt=ctx.share_prompt,
+                                             fused_lm_head=ctx.config.fused_lm_head)  # (G * k,)
+    policy_logps = grouped_completion_logps(ctx.policy, *sample_args, share_prompt=ctx.share_prompt,
+                                            fused_lm_head=ctx.config.fused_lm_head)  # with grad
     losses = kl_surrogate(policy_logps, ref_logps, num_generations=k)
     estimates = kl_estimates(policy_logps, ref_logps)
     metrics = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,29 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-class StepTimer:
-    """Wall-clock seconds spent in named phases of one step (generation, reference, ...)."""
+def cuda_synchronize() -> None:
+    """Wait until the GPU has run the work queued so far (a no-op without CUDA). CUDA kernels run asynchronously:
+    a clock read without it measures how long launching took, not the work."""
+    import torch
 
-    def __init__(self) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """Wall-clock seconds spent in named phases of one step (generation, reference, ...). Every clock read first
+    waits for the device (`synchronize`, by default `cuda_synchronize`), so a phase is charged with its own GPU
+    work, not the next phase's."""
+
+    def __init__(self, synchronize: Callable[[], None] | None = cuda_synchronize) -> None:
         self.seconds: dict[str, float] = {}
+        self.synchronize = synchronize
+
+    def now(self) -> float:
+        """The clock, once the device has finished the work queued so far."""
+        if self.synchronize is not None:
+            self.synchronize()
+        return time.perf_counter()
 
     def reset(self) -> StepTimer:
         """Start a new step: forget the phases of the last one."""
@@ -71,8 +90,8 @@ class StepTimer:
 
     @contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
+        start = self.now()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.now() - start

@@ -103,7 +103,8 @@ def run_training(run: Run, loop: LoopInputs) -> RunResult:
                         total=run.total_steps, disable=not accelerator.is_local_main_process)
         for step in progress:
             events.step_begin(step)
-            timer, step_start = ctx.timer.reset(), time.perf_counter()
+            timer = ctx.timer.reset()
+            step_start = timer.now()  # every clock read waits for the GPU (`StepTimer.now`)
             sums: dict[str, float] = defaultdict(float)
             tokens, finite = torch.zeros((), device=accelerator.device), torch.ones(2, device=accelerator.device)
             for micro in range(ga):
@@ -136,7 +137,7 @@ def run_training(run: Run, loop: LoopInputs) -> RunResult:
                 with timer("weight_push"):  # the engine samples step t + 1 from the weights after step t
                     push_policy(accelerator, policy, ctx.vllm_sampler)
 
-            step_seconds = time.perf_counter() - step_start
+            step_seconds = timer.now() - step_start
             events.step_end(step)
             events.agree(accelerator)  # a flag a callback set on any process holds on all: the decisions are collective
             if problem or step % config.logging_steps == 0 or step == run.total_steps or events.control.should_log:

@@ -18,4 +18,5 @@ def make_vllm_sampler(config, model_path: str, *, seed: int | None = None):
         return client.wait_until_ready()
     return VLLMColocate(model_path, max_model_len=config.max_prompt_length + config.max_completion_length,
                         gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                        seed=config.seed if seed is None else seed)
+                        seed=config.seed if seed is None else seed,
+                        enable_sleep_mode=config.vllm_enable_sleep_mode)

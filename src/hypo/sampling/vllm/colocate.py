@@ -10,7 +10,7 @@ import torch
 
 from hypo.sampling.generate import Completions
 from hypo.sampling.vllm.protocol import completions_from_samples, neutral_sampling_params, prompt_token_lists
-from hypo.sampling.vllm.weights import WeightPush, vllm_state_dict
+from hypo.sampling.vllm.weights import WeightPush, vllm_weights
 
 
 class VLLMColocate:
@@ -20,22 +20,45 @@ class VLLMColocate:
     `distributed_executor_backend="external_launcher"` keeps the engine in this process (no engine
     subprocess), so weights are handed over as tensors and every training process runs its own engine on its
     own prompts.
+
+    `enable_sleep_mode` (TRL's way): after each sampling the engine sleeps at level 2 (its weights and KV cache
+    are freed: the backward passes get that memory back); a push wakes the weights and loads the policy's, a
+    sampling wakes the KV cache. A sampling that finds the weights asleep (the next micro-step of the same
+    optimizer step: no push came between) first loads the last pushed model's weights again.
     """
 
     pushes_from_main_process = False  # one engine per process: each loads its own copy
 
     def __init__(self, model_path: str, *, max_model_len: int, gpu_memory_utilization: float = 0.3,
-                 seed: int = 0, dtype: str = "auto", **engine_kwargs):
+                 seed: int = 0, dtype: str = "auto", enable_sleep_mode: bool = False, **engine_kwargs):
         from vllm import LLM
 
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                             ("MASTER_PORT", str(free_port()))):
             os.environ.setdefault(name, value)  # set by accelerate under `accelerate launch`
+        sleep = {"enable_sleep_mode": True} if enable_sleep_mode else {}
         self.llm = LLM(model=model_path, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                        seed=seed + int(os.environ["RANK"]), dtype=dtype, generation_config="vllm",
                        logprobs_mode="processed_logprobs", distributed_executor_backend="external_launcher",
-                       **engine_kwargs)
+                       **sleep, **engine_kwargs)
         self.max_model_len = max_model_len
+        self.enable_sleep_mode = enable_sleep_mode
+        self.asleep: set[str] = set()  # the parts of the engine sleeping: "weights", "kv_cache"
+        self._last_pushed = None  # what the weights were loaded from (re-loaded after a sleep without a push)
+
+    def _wake(self, *tags: str) -> None:
+        sleeping = [tag for tag in tags if tag in self.asleep]
+        if sleeping:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand back the training's cached blocks first (TRL does the same)
+            self.llm.wake_up(tags=sleeping)
+            self.asleep.difference_update(sleeping)
+
+    def sleep(self) -> None:
+        """Free the engine's weights and KV cache until the next push or sampling (with `enable_sleep_mode`)."""
+        if self.enable_sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = {"weights", "kv_cache"}
 
     @torch.no_grad()
     def generate(self, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor, *, num_generations: int,
@@ -43,6 +66,11 @@ class VLLMColocate:
         """As `VLLMServerClient.generate`, with the in-process engine."""
         from vllm import SamplingParams
 
+        if "weights" in self.asleep:  # asleep since the last sampling, no push since: the same weights again
+            if self._last_pushed is None:
+                raise RuntimeError("the vLLM engine's weights are asleep and nothing was pushed to it yet")
+            self.push_weights(self._last_pushed)
+        self._wake("kv_cache")
         prompts = prompt_token_lists(prompt_input_ids, prompt_attention_mask)
         stop_ids = torch.as_tensor(eos_token_id).reshape(-1).tolist()
         params = SamplingParams(**neutral_sampling_params(num_generations=num_generations, max_tokens=max_new_tokens,
@@ -54,6 +82,7 @@ class VLLMColocate:
                 token_ids = list(sample.token_ids)
                 logps = [entry[token].logprob for entry, token in zip(sample.logprobs, token_ids, strict=True)]
                 samples.append((token_ids, logps))
+        self.sleep()
         return completions_from_samples(prompt_input_ids, prompt_attention_mask, samples,
                                         num_generations=num_generations, max_new_tokens=max_new_tokens,
                                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -67,16 +96,32 @@ class VLLMColocate:
         that processing: fine where kernels read the weights as loaded (unquantized on CUDA), stale where a
         backend keeps a processed copy (the CPU backend packs every linear layer).
         """
-        state_dict = vllm_state_dict(model_or_state_dict)
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items()),
-                                                          "is_checkpoint_format": True})
+        self._wake("weights")
+        counted = _Counted(vllm_weights(model_or_state_dict))  # one tensor at a time (LoRA: merged as it goes)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-        size = sum(t.numel() * t.element_size() for t in state_dict.values())
-        return WeightPush(len(state_dict), size, 0.0, time.perf_counter() - start)
+        self._last_pushed = model_or_state_dict
+        return WeightPush(counted.tensors, counted.bytes, 0.0, time.perf_counter() - start)
 
     def close(self) -> None:
         pass
+
+
+class _Counted:
+    """An iterator of (name, tensor) pairs that counts what went through it, holding none of it."""
+
+    def __init__(self, items):
+        self.items, self.tensors, self.bytes = iter(items), 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        name, tensor = next(self.items)
+        self.tensors += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        return name, tensor
 
 
 def free_port() -> int:

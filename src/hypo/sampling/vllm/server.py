@@ -32,7 +32,7 @@ from hypo.sampling.vllm.protocol import (
     prompt_token_lists,
     samples_from_completion_response,
 )
-from hypo.sampling.vllm.weights import WeightPush, default_weights_dir, vllm_state_dict, write_weights
+from hypo.sampling.vllm.weights import WeightPush, default_weights_dir, vllm_weights, write_weights
 
 
 class VLLMServerClient:
@@ -175,9 +175,11 @@ class VLLMServerClient:
 
     def push_weights(self, model_or_state_dict) -> WeightPush:
         """Write the policy's weights to `weights_dir/model.safetensors`, have the server reload them, and clear
-        its prefix cache. Call it on the main process with the full weights, after each optimizer step."""
-        start = time.perf_counter()
-        tensors, size = write_weights(vllm_state_dict(model_or_state_dict), self.weights_dir, self.weights_dtype)
+        its prefix cache. Call it on the main process with the full weights, after each optimizer step. The file
+        replaces the previous one, deleted first; a folder without room for it is an error at the first push,
+        before training (`hypo.sampling.vllm.weights.write_weights`)."""
+        start = time.perf_counter()  # tensor by tensor, each cast to the server's dtype before it leaves the GPU
+        tensors, size = write_weights(vllm_weights(model_or_state_dict, dtype=self.weights_dtype), self.weights_dir)
         written = time.perf_counter()
         self._request("POST", "/collective_rpc", f"reloading weights from {self.weights_dir}",
                       {"method": "reload_weights", "kwargs": {"weights_path": str(self.weights_dir)}})

@@ -5,14 +5,17 @@ and the push after each optimizer step (samples of step t + 1 come from the poli
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from hypo.models.merging import merged_lora_tensors
+
 WEIGHTS_FILE = "model.safetensors"
-LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 @dataclass
@@ -29,80 +32,91 @@ class WeightPush:
         return self.write_seconds + self.load_seconds
 
 
-def merged_lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """The weights of a LoRA (peft) model with its active adapters merged in, under the base model's names,
-    computed out of place: the model itself (and so the reference, its base) is not touched.
+def merged_lora_state_dict(peft_model, **kwargs) -> dict[str, torch.Tensor]:
+    """`merged_lora_tensors` as one dict (every merged weight at once: for small models and tests)."""
+    return dict(merged_lora_tensors(peft_model, **kwargs))
 
-    Each adapted weight becomes W + scale * B @ A (peft's `get_delta_weight`); modules_to_save take their
-    trained copy. DoRA is refused (its merge also rescales by a magnitude vector).
+
+def vllm_weights(model_or_state_dict, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """What the engine loads, one tensor at a time, under Hugging Face names: a state dict as given (e.g. the full
+    weights gathered under sharding), or a model's (LoRA merged tensor by tensor, see `merged_lora_tensors`),
+    floating tensors in `dtype` when given (the engine's: each is cast as it is handed over).
+
+    Tied weights come under every name, the output layer included: vLLM's CPU backend keeps its own packed copy
+    of a tied output layer, and a reload that carries only the embedding leaves that copy stale (measured with
+    SmolLM2-135M: per-token log-probs 0.5 nats off the updated policy without `lm_head.weight` in the file, 4e-5
+    with it).
     """
-    from peft.tuners.lora import LoraLayer
-
-    base = peft_model.get_base_model()
-    modules = dict(base.named_modules())
-    merged: dict[str, torch.Tensor] = {}
-    for name, tensor in base.state_dict().items():
-        parts = name.split(".")
-        if any(part in LORA_PARTS for part in parts) or "original_module" in parts:
-            continue
-        if "modules_to_save" in parts:  # X.modules_to_save.<adapter>.weight -> X.weight
-            at = parts.index("modules_to_save")
-            parts = parts[:at] + parts[at + 2:]
-        merged[".".join(part for part in parts if part != "base_layer")] = tensor.detach()
-    for module_name, module in modules.items():
-        if not isinstance(module, LoraLayer) or getattr(module, "disable_adapters", False):
-            continue
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
-                continue
-            if module.use_dora.get(adapter, False):
-                raise ValueError(f"{module_name}: DoRA adapters cannot be pushed to vLLM as merged weights here")
-            key = f"{module_name}.weight"
-            merged[key] = merged[key] + module.get_delta_weight(adapter).to(merged[key].dtype)
-    return merged
+    if isinstance(model_or_state_dict, dict):
+        items = model_or_state_dict.items()
+    elif hasattr(model_or_state_dict, "get_base_model") and hasattr(model_or_state_dict, "peft_config"):
+        items = merged_lora_tensors(model_or_state_dict, dtype=dtype)
+    else:
+        items = model_or_state_dict.state_dict().items()
+    for name, tensor in items:
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        yield name, tensor
 
 
 def vllm_state_dict(model_or_state_dict) -> dict[str, torch.Tensor]:
-    """What the engine loads: a state dict as given (e.g. the full weights gathered under sharding), or a
-    model's (LoRA merged, see `merged_lora_state_dict`), under Hugging Face names.
+    """`vllm_weights` as one dict, tensors that share memory cloned (safetensors refuses shared tensors)."""
+    return unshared(vllm_weights(model_or_state_dict))
 
-    Tied weights are written under every name, the output layer included: vLLM's CPU backend keeps its own
-    packed copy of a tied output layer, and a reload that carries only the embedding leaves that copy stale
-    (measured with SmolLM2-135M: per-token log-probs 0.5 nats off the updated policy without
-    `lm_head.weight` in the file, 4e-5 with it). Where the two share memory the engine loads it twice.
-    """
-    if isinstance(model_or_state_dict, dict):
-        state_dict = model_or_state_dict
-    elif hasattr(model_or_state_dict, "get_base_model") and hasattr(model_or_state_dict, "peft_config"):
-        state_dict = merged_lora_state_dict(model_or_state_dict)
-    else:
-        state_dict = model_or_state_dict.state_dict()
+
+def unshared(items) -> dict[str, torch.Tensor]:
+    """A dict of (name, tensor) pairs in which no two tensors share memory: a repeated one is cloned."""
     out, seen = {}, set()
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach()
+    for name, tensor in items:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) \
             if tensor.device.type != "meta" else None
-        out[name] = tensor.clone() if key in seen else tensor  # safetensors refuses tensors that share memory
+        out[name] = tensor.clone() if key in seen else tensor
         seen.add(key)
     return out
 
 
-def write_weights(state_dict: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype | None = None) -> tuple[int, int]:
-    """Write `folder/model.safetensors` whole or not at all (a partial file, renamed into place), on the CPU,
-    floating tensors cast to `dtype` if given. Returns (tensors, bytes)."""
+def write_weights(state_dict, folder: Path, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """Write `folder/model.safetensors` (from a dict or (name, tensor) pairs, e.g. `vllm_weights`) whole or not at
+    all (a partial file, renamed into place), on the CPU, floating tensors cast to `dtype` if given, each cast on
+    its own device before it moves. The previous file is deleted first (the engine has loaded it), so the folder
+    never holds two: 16 GB at a time for an 8B model in bf16, not 32. A folder without room (Docker's /dev/shm is
+    64 MB unless `--shm-size` says otherwise) raises a ValueError before anything is written. Returns (tensors,
+    bytes)."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        tensors[name] = tensor.to("cpu").contiguous()
+    items = state_dict.items() if isinstance(state_dict, dict) else state_dict
+    tensors = unshared((name, _to_cpu(tensor, dtype)) for name, tensor in items)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    check_room(folder, size)
     partial = folder / f".{WEIGHTS_FILE}.partial-{os.getpid()}"
     save_file(tensors, str(partial), metadata={"format": "pt"})
     os.replace(partial, folder / WEIGHTS_FILE)
-    return len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+    return len(tensors), size
+
+
+def _to_cpu(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to("cpu").contiguous()
+
+
+SAFETENSORS_MARGIN = 1 << 20
+"""Room for the file's header beside the tensors."""
+
+
+def check_room(folder: Path, size: int) -> None:
+    """Refuse to write `size` bytes of weights into a folder whose filesystem has less free space."""
+    free = shutil.disk_usage(folder).free
+    if free < size + SAFETENSORS_MARGIN:
+        raise ValueError(
+            f"vLLM weight push: {folder} has {free / 1e9:.2f} GB free, the policy's weights take {size / 1e9:.2f} GB "
+            "(one file, rewritten after every step). In Docker, /dev/shm is 64 MB unless the container is started "
+            "with --shm-size (or --ipc=host); or set vllm_server_weights_dir to a folder with room that the server "
+            "reads under the same path")
 
 
 def default_weights_dir() -> Path:
@@ -131,7 +145,8 @@ def push_policy(accelerator, policy, sampler) -> WeightPush | None:
     if sharded and not sampler.pushes_from_main_process:
         raise NotImplementedError("vllm_mode colocate with a sharded policy: only the main process gathers the "
                                   "full weights; use vllm_mode server")
-    weights = full_state_dict(accelerator, policy) if sharded else model  # collective when sharded
+    weights = full_state_dict(accelerator, policy) if sharded else model  # collective when sharded; LoRA merged
+    # tensor by tensor on the way
     push = None
     if accelerator.is_main_process or not sampler.pushes_from_main_process:
         push = sampler.push_weights(weights)

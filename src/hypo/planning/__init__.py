@@ -1,0 +1,1 @@
+"""`hypo plan`: the peak memory of a run per GPU, by part, before launch."""
