@@ -136,6 +136,12 @@ def test_right_types_pass_and_ints_become_floats():
     ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1), got 1.0"),
     ({"save_steps": -1}, "save_steps must be >= 0"),
     ({"eval_max_prompts": -1}, "eval_max_prompts must be >= 0"),
+    ({"gradient_accumulation_steps": 4, "steps_per_generation": 3},
+     "steps_per_generation must divide gradient_accumulation_steps (4), got 3"),
+    ({"gradient_accumulation_steps": 4, "steps_per_generation": 0},
+     "steps_per_generation must divide gradient_accumulation_steps (4), got 0"),
+    ({"gradient_accumulation_steps": 2, "steps_per_generation": 4},
+     "steps_per_generation (4) > gradient_accumulation_steps (2) would reuse samples across optimizer steps"),
 ])
 def test_out_of_range_values_are_reported(overrides, message):
     with pytest.raises(ValueError, match="invalid configuration") as info:

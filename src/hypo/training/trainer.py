@@ -25,7 +25,7 @@ from hypo.training.backward import deepspeed_micro_step, gradient_sync
 from hypo.training.checkpoints import save_checkpoint, save_model
 from hypo.training.hub import share_trained_model
 from hypo.training.setup import Run, prepare_run
-from hypo.training.steps import dpo_step, kl_step
+from hypo.training.steps import StepSamples, dpo_step, kl_step
 from hypo.training.stopping import (
     NonFiniteError,
     StopSignals,
@@ -70,6 +70,9 @@ def train(config: HyPOConfig) -> RunResult:
             timer, step_start = ctx.timer.reset(), time.perf_counter()
             sums: dict[str, float] = defaultdict(float)
             tokens, finite = torch.zeros((), device=accelerator.device), torch.ones(2, device=accelerator.device)
+            # the online samples of the whole step: one sampling call for all micro-steps (steps_per_generation);
+            # with a vLLM server, requested now and drawn while the offline terms run
+            online_samples = StepSamples(ctx, [next(run.prompts) for _ in range(ga)]) if run.online else None
             for micro in range(ga):
                 last_micro = micro == ga - 1
                 backward_options = deepspeed_micro_step(accelerator, last_micro)  # {} unless DeepSpeed
@@ -84,7 +87,8 @@ def train(config: HyPOConfig) -> RunResult:
                 # 2. (HyPO) online term: k fresh samples per prompt from the current policy
                 if run.online:
                     with gradient_sync(accelerator, policy, sync=last_micro):
-                        kl = kl_step(ctx, next(run.prompts))
+                        prompt_batch, samples, decoding_steps = online_samples.take(micro)
+                        kl = kl_step(ctx, prompt_batch, samples, decoding_steps=decoding_steps)
                         online_loss = config.kl_coef * kl.loss  # loss = loss_dpo + lambda * loss_kl
                         accelerator.backward((offline.loss + online_loss if run.one_backward else online_loss) / ga,
                                              **backward_options)
