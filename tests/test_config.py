@@ -182,6 +182,12 @@ def test_right_types_pass_and_ints_become_floats():
     ({"attn_implementation": " "}, "attn_implementation must be a kernel name"),
     ({"fused_lm_head": True, "share_prompt_forward": True}, "fused_lm_head scores whole rows"),
     ({"vllm_enable_sleep_mode": True}, "vllm_enable_sleep_mode puts a colocated engine to sleep"),
+    ({"gradient_accumulation_steps": 4, "steps_per_generation": 3},
+     "steps_per_generation must divide gradient_accumulation_steps (4), got 3"),
+    ({"gradient_accumulation_steps": 4, "steps_per_generation": 0},
+     "steps_per_generation must divide gradient_accumulation_steps (4), got 0"),
+    ({"gradient_accumulation_steps": 2, "steps_per_generation": 4},
+     "steps_per_generation (4) > gradient_accumulation_steps (2) would reuse samples across optimizer steps"),
 ])
 def test_out_of_range_values_are_reported(overrides, message):
     with pytest.raises(ValueError, match="invalid configuration") as info:

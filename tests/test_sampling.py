@@ -225,3 +225,57 @@ def test_next_samples_use_the_weights_after_an_optimizer_step(tiny_tokenizer, ca
         old = completion_per_token_logps(old_model, *args) * second.completion_mask
     torch.testing.assert_close(second.sampling_per_token_logps, new, rtol=0, atol=1e-5)
     assert (second.sampling_per_token_logps - old).abs().max() > 0.1
+
+
+def test_each_prompt_is_prefilled_once_for_its_samples(tiny_tokenizer):
+    """With the dynamic cache, `generate` runs the tokens of each prompt but its last once (G rows), then the last
+    prompt token of each of the G * k rows, then one token per row per decoding step; without `prefill_once` it
+    runs every prompt token of all G * k rows. The samples stay exact draws (their sampler log-probs equal our
+    forward's on the right prompts: a cache repeated in the wrong row order would pair rows with another
+    prompt's keys and values)."""
+    model = _model_with_distorting_defaults(tiny_tokenizer, "cpu")
+    ids, mask = _prompts(tiny_tokenizer, "cpu")  # G = 2 prompts of P = 5 columns, one left-padded
+    shapes = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    common = dict(num_generations=4, max_new_tokens=3, eos_token_id=stop_token_ids(model, tiny_tokenizer),
+                  pad_token_id=tiny_tokenizer.pad_token_id, cache_implementation="dynamic", return_logps=True)
+    try:
+        torch.manual_seed(0)
+        once = generate_completions(model, ids, mask, **common)
+        prefills_once, shapes[:] = list(shapes), []
+        torch.manual_seed(0)
+        repeated = generate_completions(model, ids, mask, prefill_once=False, **common)
+        prefills_repeated = list(shapes)
+    finally:
+        hook.remove()
+    assert prefills_once[:3] == [(2, 4), (8, 1), (8, 1)]  # prompts without their last token, last token, decoding
+    assert prefills_repeated[:2] == [(8, 5), (8, 1)]
+    for out in (once, repeated):
+        with torch.no_grad():
+            forward = completion_per_token_logps(model, out.prompt_input_ids, out.prompt_attention_mask,
+                                                 out.completion_ids, out.completion_mask) * out.completion_mask
+        torch.testing.assert_close(out.sampling_per_token_logps, forward, rtol=0, atol=1e-5)
+        assert torch.equal(out.prompt_input_ids, ids.repeat_interleave(4, dim=0))
+
+
+def test_rows_of_a_sampling_call_look_drawn_alone():
+    """Rows 2-3 of a call over prompts of width 4 and completions of width 5: their prompts have 2 and 1 pad
+    tokens (1 column is padding in both), their completions 2 and 3 tokens (2 columns are padding in both)."""
+    from hypo.sampling.generate import Completions
+
+    pad = 0
+    prompt_ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [pad, pad, 9, 10], [pad, 11, 12, 13]])
+    completion_ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [6, 7, pad, pad, pad], [8, 9, 10, pad, pad]])
+    samples = Completions(prompt_input_ids=prompt_ids, prompt_attention_mask=(prompt_ids != pad).long(),
+                          completion_ids=completion_ids, completion_mask=(completion_ids != pad).long(),
+                          clipped=torch.tensor([True, True, False, False]),
+                          sampling_per_token_logps=-torch.arange(20.0).reshape(4, 5))
+    part = samples.rows(2, 4)
+    assert torch.equal(part.prompt_input_ids, torch.tensor([[pad, 9, 10], [11, 12, 13]]))
+    assert torch.equal(part.prompt_attention_mask, torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert torch.equal(part.completion_ids, torch.tensor([[6, 7, pad], [8, 9, 10]]))
+    assert torch.equal(part.completion_mask, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert torch.equal(part.clipped, torch.tensor([False, False]))
+    assert torch.equal(part.sampling_per_token_logps, -torch.tensor([[10.0, 11, 12], [15, 16, 17]]))
+    assert torch.equal(samples.rows(0, 4).completion_ids, completion_ids)  # the whole call: nothing dropped

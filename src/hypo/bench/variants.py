@@ -1,5 +1,6 @@
-"""The variants of `hypo bench`, one per process: our DPO and HyPO, TRL's DPOTrainer and RLOOTrainer on the
-same work, the machine probes, and sampling through vLLM.
+"""The variants of `hypo bench`, one per process: our DPO and HyPO (with one sampling call per optimizer step,
+and per micro-step), TRL's DPOTrainer and RLOOTrainer on the same work, the machine probes, the sampler's cost
+by batch, and sampling through vLLM (alone, and in our loop with and without overlap).
 
 TRL's RLOO does HyPO's online work when its reward is a constant and its KL penalty is on: sample k
 completions per prompt, score them with the reference, and take a policy-gradient step.
@@ -7,6 +8,7 @@ completions per prompt, score them with the reference, and take a policy-gradien
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -17,23 +19,29 @@ from hypo.bench.probes import bench_device, measure_machine, sync, timed, weight
 from hypo.bench.settings import BenchSettings, median_after_warmup, peak_rss_gb
 
 
-def run_ours(settings: BenchSettings, method: str, prompts_per_step: int) -> dict[str, Any]:
-    """`hypo.training.trainer.train` for warm-up + measured steps; per-step medians from its metrics."""
+def run_ours(settings: BenchSettings, method: str, prompts_per_step: int, **overrides) -> dict[str, Any]:
+    """`hypo.training.trainer.train` for warm-up + measured steps; per-step medians from its metrics.
+    `overrides`: workload options of this variant (e.g. steps_per_generation)."""
     from hypo.evaluation.report import load_run
     from hypo.training.trainer import train
 
+    config = replace(settings.config, method=method, per_device_prompt_batch_size=prompts_per_step,
+                     max_steps=settings.steps, eval_at_end=False, eval_steps=0, save_steps=0, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        train(replace(settings.config, method=method, per_device_prompt_batch_size=prompts_per_step,
-                      max_steps=settings.steps, eval_at_end=False, eval_steps=0, save_steps=0, output_dir=tmp))
+        train(replace(config, output_dir=tmp))
         records = load_run(tmp).train_records
     result: dict[str, Any] = {"steps": len(records)}
     for key in ("time/step", "time/generation", "time/reference", "time/forward_backward", "time/optimizer"):
         result[key] = median_after_warmup([r[key] for r in records], settings.warmup_steps)
     tokens = [r["throughput/tokens_per_second"] * r["time/step"] for r in records]
     result["tokens_per_step"] = median_after_warmup(tokens, settings.warmup_steps)
-    if method == "hypo":
-        result["decode_steps"] = median_after_warmup([r["completions/max_length"] for r in records],
-                                                      settings.warmup_steps)
+    if method == "hypo":  # decoding steps per optimizer step: of each sampling call, times the calls
+        calls = config.gradient_accumulation_steps // (config.steps_per_generation or config.gradient_accumulation_steps)
+        result["sampling_calls"] = calls
+        result["samples_per_call"] = prompts_per_step * config.num_generations * (
+            config.gradient_accumulation_steps // calls)
+        result["decode_steps"] = calls * median_after_warmup([r["completions/max_length"] for r in records],
+                                                             settings.warmup_steps)
     return result
 
 
@@ -81,7 +89,8 @@ def run_trl_dpo(settings: BenchSettings) -> dict[str, Any]:
                          **trl_training_args(config, max_steps=settings.steps))
         trainer = DPOTrainer(model=path, args=args, processing_class=load_tokenizer(path), callbacks=[timer],
                              train_dataset=_json_dataset(config.dataset or get_task(config.task).pairs,
-                                                         settings.steps * config.per_device_train_batch_size))
+                                                         settings.steps * config.per_device_train_batch_size
+                                                         * config.gradient_accumulation_steps))
         trainer.train()
     return {"steps": len(timer.times), "time/step": median_after_warmup(timer.times, settings.warmup_steps)}
 
@@ -107,7 +116,8 @@ def run_trl_rloo(settings: BenchSettings) -> dict[str, Any]:
         trainer = RLOOTrainer(model=path, reward_funcs=constant_reward, args=args, callbacks=[timer],
                               processing_class=load_tokenizer(path),
                               train_dataset=_json_dataset(config.prompts or get_task(config.task).prompts,
-                                                          settings.steps * config.per_device_prompt_batch_size))
+                                                          settings.steps * config.per_device_prompt_batch_size
+                                                          * config.gradient_accumulation_steps))
         trainer.train()
     return {"steps": len(timer.times), "time/step": median_after_warmup(timer.times, settings.warmup_steps)}
 
@@ -180,10 +190,98 @@ def run_vllm_sampling(settings: BenchSettings) -> dict[str, Any]:
     }
 
 
+SAMPLING_BATCHES = (8, 16, 32, 64)
+"""Samples per call in the `sampling-by-batch` variant (k = num_generations samples per prompt)."""
+
+
+def sampling_by_batch(settings: BenchSettings, repeats: int = 2) -> dict[str, Any]:
+    """The online sampler (`generate_completions`, as the loop calls it) on calls of 8 to 64 samples from the
+    task's prompts: seconds per call, per sample and per decoding step (median of `repeats` after a warm-up),
+    and at the smallest and a larger batch the same calls with every prompt prefilled k times (the lever
+    `prefill_once` removes). Real draws: a call runs until its longest sample stops."""
+    import torch
+
+    from hypo.data.batches import PromptCollator
+    from hypo.data.encoding import load_prompt_data
+    from hypo.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+    from hypo.models.tokens import stop_token_ids
+    from hypo.sampling.generate import generate_completions
+    from hypo.tasks import get_task
+
+    config, device = settings.config, bench_device()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    path = resolve_model_path(config.model_name_or_path, config.gguf_file)
+    tokenizer, model = load_tokenizer(path), load_causal_lm(path, config.dtype).to(device).eval()
+    stops, k = stop_token_ids(model, tokenizer), config.num_generations
+    items, _ = load_prompt_data(config.prompts or str(get_task(config.task).prompts), tokenizer,
+                                max_prompt_length=config.max_prompt_length)
+
+    def call(samples: int, prefill_once: bool = True) -> dict[str, float]:
+        prompts = max(1, samples // k)
+        batch = {key: value.to(device) for key, value in
+                 PromptCollator(tokenizer.pad_token_id)([items[i % len(items)] for i in range(prompts)]).items()}
+        times, steps = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = generate_completions(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                       num_generations=k, max_new_tokens=config.max_completion_length,
+                                       eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                                       cache_implementation=config.cache_implementation, prefill_once=prefill_once)
+            sync()
+            times.append(time.perf_counter() - start)
+            steps.append(out.completion_ids.shape[1])
+        seconds, decode_steps = statistics.median(times), statistics.median(steps)
+        return {"samples": prompts * k, "seconds": seconds, "seconds_per_sample": seconds / (prompts * k),
+                "decode_steps": decode_steps, "seconds_per_decode_step": seconds / decode_steps}
+
+    call(SAMPLING_BATCHES[0])  # warm-up
+    result: dict[str, Any] = {"by_batch": [call(n) for n in SAMPLING_BATCHES]}
+    result["prompt_prefilled_k_times"] = [call(n, prefill_once=False) for n in (SAMPLING_BATCHES[0], SAMPLING_BATCHES[2])]
+    return result
+
+
+def run_vllm_training(settings: BenchSettings, overlap: bool) -> dict[str, Any]:
+    """Our HyPO loop sampling through a vLLM server started here from .venv-vllm (or the one at
+    --vllm_server_base_url), with and without `vllm_server_overlap`. On a CPU the server and the trainer
+    are given one core each (the server's OpenMP threads bound to the first core this process may use, the
+    trainer's one torch thread pinned to the second), so that overlapping them can show: without it one waits
+    while the other works. It cannot show a GPU's proportions (a server GPU beside training GPUs)."""
+    import contextlib
+    import os
+
+    from hypo.models.loading import resolve_model_path
+    from hypo.sampling.vllm.process import start_vllm_server
+
+    config, device = settings.config, bench_device()
+    cores = sorted(os.sched_getaffinity(0))
+    split = device.type == "cpu" and len(cores) >= 2 and config.vllm_server_base_url is None
+    with contextlib.ExitStack() as stack:
+        url = config.vllm_server_base_url
+        if url is None:
+            path = resolve_model_path(config.model_name_or_path, config.gguf_file)
+            url = stack.enter_context(start_vllm_server(
+                path, dtype="float32" if device.type == "cpu" else "auto", threads=1 if split else config.num_threads,
+                max_model_len=config.max_prompt_length + config.max_completion_length)).url
+        overrides = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": url,
+                     "vllm_server_overlap": overlap}
+        if split:
+            os.sched_setaffinity(0, {cores[1]})
+            overrides["num_threads"] = 1
+        result = run_ours(settings, "hypo", config.per_device_prompt_batch_size, **overrides)
+    result["cores"] = "server 1 + trainer 1" if split else "shared"
+    return result
+
+
 def variants(settings: BenchSettings) -> list[str]:
-    names = ["machine", "dpo", "hypo"] + [f"hypo-prompts{n}" for n in settings.fewer_prompts]
+    names = ["machine", "sampling-by-batch", "dpo", "hypo"]
+    if settings.config.gradient_accumulation_steps > 1 and settings.config.steps_per_generation != 1:
+        names.append("hypo-sample-per-micro-step")  # the loop before one call per optimizer step
+    names += [f"hypo-prompts{n}" for n in settings.fewer_prompts]
     return names + (["trl-dpo", "trl-rloo"] if settings.trl else []) + \
-        (["weights-changed"] if settings.weights_changed else []) + (["vllm-sampling"] if settings.vllm else [])
+        (["weights-changed"] if settings.weights_changed else []) + \
+        (["vllm-sampling", "hypo-vllm-server", "hypo-vllm-server-no-overlap"] if settings.vllm else [])
 
 
 def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
@@ -193,6 +291,12 @@ def run_variant(name: str, settings: BenchSettings) -> dict[str, Any]:
         result = run_ours(settings, "dpo", settings.config.per_device_prompt_batch_size)
     elif name == "hypo":
         result = run_ours(settings, "hypo", settings.config.per_device_prompt_batch_size)
+    elif name == "hypo-sample-per-micro-step":
+        result = run_ours(settings, "hypo", settings.config.per_device_prompt_batch_size, steps_per_generation=1)
+    elif name == "sampling-by-batch":
+        result = sampling_by_batch(settings)
+    elif name in ("hypo-vllm-server", "hypo-vllm-server-no-overlap"):
+        result = run_vllm_training(settings, overlap=name == "hypo-vllm-server")
     elif name.startswith("hypo-prompts"):
         result = run_ours(settings, "hypo", int(name.removeprefix("hypo-prompts")))
     elif name == "trl-dpo":

@@ -16,6 +16,12 @@ values step by step; "static" preallocates them, and on CUDA transformers then c
 not compile, and there the uncompiled static cache was no faster than the dynamic one (a rough measurement
 on a shared 2-core machine, SmolLM2-135M, 4 prompts x 2 samples x 64 tokens: about 6 s each). A vLLM
 backend would be one more value of this option.
+
+Each prompt is prefilled once for its k samples (`shared_prompt_cache`): `generate` with
+`num_return_sequences=k` repeats every prompt k times before its first forward; here the keys and values of
+all prompt tokens but the last are computed once per prompt and repeated k times, and `generate` continues
+from them (the distribution is the same: the same forward, on fewer rows). With the dynamic cache only: a
+static cache is allocated for its G * k rows inside `generate`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from hypo.objective.logprobs import mask_after_eos, selective_log_softmax
+from hypo.objective.logprobs import mask_after_eos, position_ids_from_mask, selective_log_softmax
 
 CacheImplementation = Literal["auto", "dynamic", "static"]
 CACHE_IMPLEMENTATIONS = ("auto", "dynamic", "static")
@@ -47,6 +53,24 @@ class Completions:
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=-1)  # (G * k,)
+
+    def rows(self, start: int, stop: int) -> Completions:
+        """Rows [start, stop) as if drawn alone: prompt columns that are padding in all of them and completion
+        columns after the longest of them dropped (a micro-step's share of a larger sampling call).
+
+        Example: rows of prompt width 5 whose prompts have >= 2 pad tokens and completions <= 3 tokens long
+        -> prompt width 3, completion width 3.
+
+        Shape: (N, P), (N, C) -> (stop - start, P'), (stop - start, C') with P' <= P, C' <= C
+        """
+        prompt_mask = self.prompt_attention_mask[start:stop]
+        first = int((prompt_mask.shape[1] - prompt_mask.sum(dim=-1)).min())  # all-padding columns on the left
+        width = int(self.completion_mask[start:stop].sum(dim=-1).max())
+        logps = self.sampling_per_token_logps
+        return Completions(
+            prompt_input_ids=self.prompt_input_ids[start:stop, first:], prompt_attention_mask=prompt_mask[:, first:],
+            completion_ids=self.completion_ids[start:stop, :width], completion_mask=self.completion_mask[start:stop, :width],
+            clipped=self.clipped[start:stop], sampling_per_token_logps=None if logps is None else logps[start:stop, :width])
 
 
 def resolve_cache_implementation(cache_implementation: str, device: torch.device | str, *,
@@ -87,6 +111,24 @@ def sampling_kwargs(
 
 
 @torch.no_grad()
+def shared_prompt_cache(model, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
+                        num_generations: int):
+    """The keys and values of every prompt token but the last, computed once per prompt and repeated for its
+    `num_generations` rows (rows [g * k, (g + 1) * k) hold prompt g, as `generate` orders them). `generate`
+    given this cache and the repeated prompts runs only their last token before decoding; that token's
+    forward yields the first sample's logits.
+
+    Shape: prompts (G, P) -> a dynamic cache of G * k rows and P - 1 positions
+    """
+    prefix_ids, prefix_mask = prompt_input_ids[:, :-1], prompt_attention_mask[:, :-1]  # (G, P - 1)
+    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids_from_mask(prefix_mask),
+                use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(num_generations)  # (G, ...) -> (G * k, ...)
+    return cache
+
+
+@torch.no_grad()
 def generate_completions(
     model,
     prompt_input_ids: torch.Tensor,
@@ -100,11 +142,13 @@ def generate_completions(
     top_p: float = 1.0,
     cache_implementation: CacheImplementation = "auto",
     return_logps: bool = False,
+    prefill_once: bool = True,
 ) -> Completions:
     """`num_generations` samples per prompt in one batched `generate` call with a KV cache, stopping at any id of
     `eos_token_id` (pass `stop_token_ids(model, tokenizer)`). Temperature and top_p != 1 are for evaluation
     only: the KL term needs samples from the policy itself. `return_logps` also returns the sampler's own
-    per-token log-probs (it keeps (G * k, C, V) scores while it runs).
+    per-token log-probs (it keeps (G * k, C, V) scores while it runs). `prefill_once` (dynamic cache) runs
+    each prompt's tokens once for its k samples instead of k times (see the module docstring).
 
     Shape: prompt_input_ids (G, P) left-padded -> Completions with G * k rows
     """
@@ -118,12 +162,18 @@ def generate_completions(
     )
     if return_logps:
         kwargs.update(return_dict_in_generate=True, output_scores=True)
+    input_ids, attention_mask = prompt_input_ids, prompt_attention_mask
     was_training = model.training
     model.eval()
     try:
+        if prefill_once and num_generations > 1 and kwargs["cache_implementation"] == "dynamic" \
+                and prompt_input_ids.shape[1] > 1:
+            kwargs.update(cache=shared_prompt_cache(model, prompt_input_ids, prompt_attention_mask, num_generations),
+                          cache_implementation=None, num_return_sequences=1)
+            input_ids = prompt_input_ids.repeat_interleave(num_generations, dim=0)  # (G * k, P)
+            attention_mask = prompt_attention_mask.repeat_interleave(num_generations, dim=0)  # (G * k, P)
         # synced_gpus=False: generation is local; sharded weights are gathered first (hypo.runtime.distributed)
-        output = model.generate(input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, synced_gpus=False,
-                                **kwargs)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=False, **kwargs)
     finally:
         model.train(was_training)
     sequences = output.sequences if return_logps else output  # (G * k, P + C)

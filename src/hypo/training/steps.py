@@ -20,7 +20,7 @@ from hypo.models.reference import Reference
 from hypo.objective.logprobs import grouped_completion_logps, pair_logps
 from hypo.objective.losses import kl_estimates, kl_surrogate, preference_metrics
 from hypo.runtime.distributed import any_process, gathered_for_generation
-from hypo.sampling.generate import generate_completions
+from hypo.sampling.generate import Completions, generate_completions
 from hypo.training.tracking import StepTimer
 
 
@@ -121,21 +121,31 @@ def sampler_logp_gap(policy_logps: torch.Tensor, sampling_per_token_logps: torch
     return {"sampler/logp_gap_mean": gap.mean(), "sampler/logp_gap_max": gap.max()}
 
 
-def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
+def draw_samples(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Completions:
+    """k completions per prompt from the current policy in one call: exact draws (temperature 1, no truncation),
+    from the vLLM engine (which holds the policy's current weights: pushed after every optimizer step) or from
+    transformers' `generate` on the policy itself."""
+    draw = {"num_generations": ctx.config.num_generations, "max_new_tokens": ctx.config.max_completion_length,
+            "eos_token_id": ctx.eos_token_id, "pad_token_id": ctx.pad_token_id}
+    if ctx.vllm_sampler is not None:
+        return ctx.vllm_sampler.generate(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
+                                         **draw)
+    with gathered_for_generation(ctx.sampler, ctx.policy) as sampler:  # sharded: full weights once per call
+        return generate_completions(sampler, prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
+                                    cache_implementation=ctx.config.cache_implementation, **draw)
+
+
+def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor], samples: Completions | None = None, *,
+            decoding_steps: int | None = None) -> Term:
     """Online term: sample k completions per prompt from the current policy and build the REINFORCE
-    surrogate of KL(pi || pi_ref) with a leave-one-out baseline (arXiv 2406.01462, Algorithm 1)."""
+    surrogate of KL(pi || pi_ref) with a leave-one-out baseline (arXiv 2406.01462, Algorithm 1).
+
+    `samples`: this micro-step's rows of a sampling call made in this optimizer step (`StepSamples`), with
+    the decoding steps that call ran; drawn here when None."""
     k = ctx.config.num_generations
-    draw = {"num_generations": k, "max_new_tokens": ctx.config.max_completion_length,
-            "eos_token_id": ctx.eos_token_id, "pad_token_id": ctx.pad_token_id}  # temperature 1, no truncation
-    with ctx.timer("generation"):
-        if ctx.vllm_sampler is not None:  # the engine holds the policy's current weights (pushed every step)
-            samples = ctx.vllm_sampler.generate(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
-                                                **draw)
-        else:
-            with gathered_for_generation(ctx.sampler, ctx.policy) as sampler:  # sharded: full weights once per call
-                samples = generate_completions(sampler, prompt_batch["prompt_input_ids"],
-                                               prompt_batch["prompt_attention_mask"],
-                                               cache_implementation=ctx.config.cache_implementation, **draw)
+    if samples is None:
+        with ctx.timer("generation"):
+            samples = draw_samples(ctx, prompt_batch)
     num_prompts = prompt_batch["prompt_input_ids"].shape[0]
     prompt_index = torch.arange(num_prompts, device=samples.completion_ids.device).repeat_interleave(k)
     # (G * k,): rows g * k ... g * k + k - 1 continue prompt g
@@ -156,9 +166,99 @@ def kl_step(ctx: StepContext, prompt_batch: dict[str, torch.Tensor]) -> Term:
         "objective/entropy": -policy_logps.detach().mean(),
         "completions/mean_length": samples.lengths.float().mean(),
         "completions/clipped_ratio": samples.clipped.float().mean(),
-        "completions/max_length": float(samples.completion_ids.shape[1]),  # decoding steps of the batch
+        # decoding steps of the sampling call
+        "completions/max_length": float(decoding_steps or samples.completion_ids.shape[1]),
     }
     if samples.sampling_per_token_logps is not None:  # an engine's own log-probs (vLLM): does it hold our weights?
         metrics.update(sampler_logp_gap(policy_logps.detach(), samples.sampling_per_token_logps, samples.completion_mask))
     tokens = prompt_batch["prompt_attention_mask"].sum() + samples.completion_mask.sum()  # each prompt once
     return Term(losses.mean(), metrics, tokens)
+
+
+def join_prompt_batches(batches: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batches as one, left-padded to the longest prompt of all (rows in batch order).
+
+    Example: prompts [[5, 6]] and [[pad, 7], [8, 9]] padded to width 2 -> [[5, 6], [pad, 7], [8, 9]];
+    widths 2 and 3 -> every row padded on the left to 3.
+
+    Shape: batches of (G_i, P_i) -> (sum G_i, max P_i)
+    """
+    if len(batches) == 1:
+        return batches[0]
+    width = max(batch["prompt_input_ids"].shape[1] for batch in batches)
+
+    def padded(name: str, value: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(batch[name], (width - batch[name].shape[1], 0), value=value)
+                          for batch in batches])
+
+    return {"prompt_input_ids": padded("prompt_input_ids", pad_token_id),
+            "prompt_attention_mask": padded("prompt_attention_mask", 0)}
+
+
+class StepSamples:
+    """The online samples of one optimizer step: the prompt batches of its micro-steps, sampled
+    `steps_per_generation` micro-steps at a time in one call (default: all of them in one), each micro-step
+    handed its own rows (`take`).
+
+    The samples stay exact draws from the current policy: the weights do not change inside an optimizer step,
+    and nothing outlives the step. Calls run when a micro-step first needs them (after its offline term, as
+    with one call per micro-step), or, with a vLLM server and `vllm_server_overlap`, all at once in a
+    background thread started here, before the step's offline term: the server samples while the trainer
+    computes, and every request is answered before the loop pushes the next weights (each micro-step waits
+    for its rows).
+    """
+
+    def __init__(self, ctx: StepContext, prompt_batches: list[dict[str, torch.Tensor]]):
+        self.ctx, self.batches = ctx, prompt_batches
+        per_call = ctx.config.steps_per_generation or len(prompt_batches)
+        self.calls = [prompt_batches[i:i + per_call] for i in range(0, len(prompt_batches), per_call)]
+        self.per_call, self.drawn = per_call, {}
+        self.background = None
+        if ctx.vllm_sampler is not None and ctx.config.vllm_mode == "server" and ctx.config.vllm_server_overlap:
+            self.background = BackgroundCalls(lambda batches: draw_samples(ctx, join_prompt_batches(
+                batches, ctx.pad_token_id)), self.calls)
+
+    def take(self, micro: int) -> tuple[dict[str, torch.Tensor], Completions, int]:
+        """Micro-step `micro`'s prompt batch, its samples (rows of its call, as if drawn alone) and the decoding
+        steps of the call that drew them."""
+        call, position = divmod(micro, self.per_call)
+        if call not in self.drawn:
+            with self.ctx.timer("generation"):  # with overlap: only the wait for the server
+                self.drawn[call] = self.background.result(call) if self.background else \
+                    draw_samples(self.ctx, join_prompt_batches(self.calls[call], self.ctx.pad_token_id))
+        samples, k = self.drawn[call], self.ctx.config.num_generations
+        start = sum(batch["prompt_input_ids"].shape[0] for batch in self.calls[call][:position])
+        size = self.batches[micro]["prompt_input_ids"].shape[0]
+        return self.batches[micro], samples.rows(start * k, (start + size) * k), samples.completion_ids.shape[1]
+
+
+class BackgroundCalls:
+    """`function(job)` for each job, one after the other, in a daemon thread started at once; `result(i)`
+    waits for job i and returns its value or raises its error in the caller's thread."""
+
+    def __init__(self, function, jobs: list):
+        import threading
+
+        self._function, self._jobs = function, jobs
+        self._done = [threading.Event() for _ in jobs]
+        self._values: list = [None] * len(jobs)
+        self._errors: list = [None] * len(jobs)
+        threading.Thread(target=self._run, name="hypo-sampling", daemon=True).start()
+
+    def _run(self) -> None:
+        for i, job in enumerate(self._jobs):
+            try:
+                self._values[i] = self._function(job)
+            except BaseException as exc:  # handed to the caller, with every later job
+                for j in range(i, len(self._jobs)):
+                    self._errors[j] = exc
+                    self._done[j].set()
+                return
+            self._done[i].set()
+
+    def result(self, i: int):
+        self._done[i].wait()
+        if self._errors[i] is not None:
+            raise self._errors[i]
+        value, self._values[i] = self._values[i], None
+        return value

@@ -30,7 +30,7 @@ from hypo.training.callbacks import TrainingEvents
 from hypo.training.checkpoints import save_checkpoint, save_model
 from hypo.training.hub import share_trained_model
 from hypo.training.setup import Run
-from hypo.training.steps import dpo_step, kl_step
+from hypo.training.steps import StepSamples, dpo_step, kl_step
 from hypo.training.stopping import (
     NonFiniteError,
     StopSignals,
@@ -107,6 +107,9 @@ def run_training(run: Run, loop: LoopInputs) -> RunResult:
             step_start = timer.now()  # every clock read waits for the GPU (`StepTimer.now`)
             sums: dict[str, float] = defaultdict(float)
             tokens, finite = torch.zeros((), device=accelerator.device), torch.ones(2, device=accelerator.device)
+            # the online samples of the whole step: one sampling call for all micro-steps (steps_per_generation);
+            # with a vLLM server, requested now and drawn while the offline terms run
+            online_samples = StepSamples(ctx, [next(run.prompts) for _ in range(ga)]) if run.online else None
             for micro in range(ga):
                 last_micro = micro == ga - 1
                 # 1. offline term on a batch of pairs, backpropagated at once: its activations are freed
@@ -120,7 +123,8 @@ def run_training(run: Run, loop: LoopInputs) -> RunResult:
                 # 2. (HyPO) online term: k fresh samples per prompt from the current policy
                 if run.online:
                     with gradient_sync(accelerator, policy, sync=last_micro):
-                        kl = kl_step(ctx, next(run.prompts))
+                        prompt_batch, samples, decoding_steps = online_samples.take(micro)
+                        kl = kl_step(ctx, prompt_batch, samples, decoding_steps=decoding_steps)
                         online_loss = config.kl_coef * kl.loss  # loss = loss_dpo + lambda * loss_kl
                         backward(accelerator, (offline.loss + online_loss if run.one_backward else online_loss) / ga,
                                  last_micro=last_micro)

@@ -42,11 +42,12 @@ def trl_training_args(config, *, max_steps: int | None = None) -> dict[str, Any]
 
 def trl_rloo_args(config: HyPOConfig, **kwargs) -> dict[str, Any]:
     """RLOOConfig fields for HyPO's online work: k samples per prompt of the same length, exact draws from
-    the policy (temperature 1, no truncation), `kl_coef` as RLOO's KL penalty (TRL calls it `beta`)."""
+    the policy (temperature 1, no truncation), `kl_coef` as RLOO's KL penalty (TRL calls it `beta`), the
+    micro-steps sampled per generation call as hypo's (None: TRL's default, one call per optimizer step)."""
     import torch
 
     return {**trl_training_args(config, **kwargs),
             "per_device_train_batch_size": config.per_device_prompt_batch_size * config.num_generations,
-            "num_generations": config.num_generations, "steps_per_generation": 1,
+            "num_generations": config.num_generations, "steps_per_generation": config.steps_per_generation,
             "max_completion_length": config.max_completion_length, "beta": config.kl_coef, "temperature": 1.0,
             "top_p": 1.0, "top_k": 0, "model_init_kwargs": {"dtype": torch.float32}}

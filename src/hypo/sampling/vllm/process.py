@@ -23,9 +23,13 @@ PYTHON_ENV = "HYPO_VLLM_PYTHON"
 """Python of the environment that has vLLM (default: .venv-vllm/bin/python at the repository root)."""
 
 
+CHECKOUT_VENV_PYTHON = Path(__file__).resolve().parents[4] / ".venv-vllm" / "bin" / "python"
+"""`.venv-vllm/bin/python` beside `src/` (src/hypo/sampling/vllm/process.py: four folders up)."""
+
+
 def vllm_python() -> Path | None:
     """`$HYPO_VLLM_PYTHON`, else `.venv-vllm/bin/python` beside `src/` (a source checkout), if it exists."""
-    candidates = [os.environ.get(PYTHON_ENV), Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"]
+    candidates = [os.environ.get(PYTHON_ENV), CHECKOUT_VENV_PYTHON]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
