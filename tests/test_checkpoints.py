@@ -48,7 +48,9 @@ def _start_and_signal(options: dict, number: int, when, processes: int = 1) -> s
     deadline = time.monotonic() + 300
     while not when() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert process.poll() is None, "the run ended before the signal: make it longer"
+    if process.poll() is not None:
+        raise AssertionError(f"the run ended before the signal (exit {process.returncode}): make it longer, or see "
+                             f"its stderr:\n{process.stderr.read()[-3000:]}")
     if processes > 1:  # the launcher's workers may run in sessions of their own: signal each of them
         import psutil
 

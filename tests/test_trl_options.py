@@ -53,7 +53,6 @@ def test_value_mapped_options(argv, expected):
     (["--eval_strategy", "epoch"], "no epoch-based evaluation"),
     (["--save_strategy", "best"], "no epoch or best saves"),
     (["--warmup_steps", "40"], r"warmup_ratio.*max_steps > 40 \(max_steps is 30\)"),
-    (["--attn_implementation", "sdpa"], "attn_implementation: no meaning in hypo"),
     (["--load_in_4bit"], "quantized training is not supported"),
     (["--dataset_streaming"], "streaming is not supported"),
     (["--disable_dropout", "false"], "hypo always disables dropout"),
@@ -93,6 +92,18 @@ def test_hypo_sft_takes_the_trl_names_it_has_a_meaning_for():
         with pytest.raises(ValueError, match="this command has no eval_"):
             parse_config_args(sft_parser(), SFTRunConfig, ["--dataset_name", "d", *trl_only])
     assert "--dataset_test_split" not in sft_parser().format_help()
+
+
+def test_trl_names_that_are_hypos_own_options_are_only_the_translated_ones():
+    """A TRL name that is also a hypo option must translate its value (TRL's list form, TRL's "all"), never refuse
+    or shadow what hypo itself offers (attn_implementation was refused here after hypo had gained it)."""
+    import dataclasses
+
+    from hypo.config import HyPOConfig
+
+    shared = set(TRL_OPTIONS) & {f.name for f in dataclasses.fields(HyPOConfig)}
+    assert shared == {"lora_target_modules", "report_to"}
+    assert parse_train_args(["--attn_implementation", "sdpa"]).attn_implementation == "sdpa"
 
 
 def test_readme_and_help_list_every_trl_option():

@@ -5,6 +5,7 @@ naming its URL (tiny fake servers on 127.0.0.1). The real engine is tested in te
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -178,13 +179,13 @@ def test_merged_lora_weights_stream_one_tensor_at_a_time(tiny_tokenizer):
     for name, param in policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
-    made = {id(t) for t in policy.state_dict().values()}
+    made = {t.data_ptr() for t in policy.state_dict().values()}  # live storage (ids of freed views get reused)
     alive, merged_names = [], []
     for name, tensor in merged_lora_tensors(policy, dtype=torch.bfloat16, device="cpu"):
         gc.collect()
         assert sum(ref() is not None for ref in alive) == 0, f"a merged tensor outlived the step before {name}"
         assert tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu"
-        if id(tensor) not in made and "proj" in name:
+        if tensor.data_ptr() not in made and "proj" in name:
             alive.append(weakref.ref(tensor))
             merged_names.append(name)
         del tensor
@@ -429,6 +430,20 @@ def test_config_refuses_inconsistent_vllm_settings(kwargs, message):
 # --- colocate glue, with a stand-in for the vllm package ----------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _launcher_environment_restored():
+    """VLLMColocate sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT where no launcher did; left set, they make
+    later tests' `hypo train` processes try to join a process group on a port nobody serves."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def test_colocate_engine_arguments_outputs_and_weight_loading(monkeypatch, tiny_tokenizer):
     """The engine runs in this process (external_launcher), ignores the model's generation config, reports the
     sampled distribution's log-probs; outputs map to rows as the server's do; weights go to the worker's
@@ -547,8 +562,8 @@ def test_bench_vllm_variant_counts_the_weight_push_in_the_step():
     from hypo.bench.settings import BenchSettings
     from hypo.bench.variants import variants
 
-    assert variants(BenchSettings(trl=False, fewer_prompts=(), vllm=True)) == ["machine", "dpo", "hypo",
-                                                                                 "vllm-sampling"]
+    assert variants(BenchSettings(trl=False, fewer_prompts=(), vllm=True)) == [
+        "machine", "sampling-by-batch", "dpo", "hypo", "vllm-sampling", "hypo-vllm-server", "hypo-vllm-server-no-overlap"]
     machine = {"params": 1e8, "param_bytes": 4e8, "matmul_flops": 2e11, "copy_bytes_per_second": 1e10,
                "read_bytes_per_second": 1e10, "decode_step_seconds": 0.08, "decode_step_floor_seconds": 0.04,
                "decode_batch": 8, "forward_backward_flops": 1.4e11, "forward_backward_seconds": 1.0,
@@ -557,7 +572,8 @@ def test_bench_vllm_variant_counts_the_weight_push_in_the_step():
             "time/weight_push_write": 0.8, "time/weight_push_reload": 1.2, "time/generation": 4.0,
             "time/generation_transformers": 12.0, "logprob_gap_max": 5e-5}
     results = {"machine": machine, "dpo": {"time/step": 3.0, "peak_rss_gb": 4.0},
-               "hypo": {"time/step": 9.0, "peak_rss_gb": 4.4, "tokens_per_step": 1000, "decode_steps": 64},
+               "hypo": {"time/step": 9.0, "time/generation": 5.0, "peak_rss_gb": 4.4, "tokens_per_step": 1000,
+                        "decode_steps": 64},
                "vllm-sampling": vllm}
     computed = ratios(results)
     assert computed["vllm_vs_transformers_sampling"] == pytest.approx(0.5)  # (2 + 4) / 12

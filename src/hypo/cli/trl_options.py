@@ -127,7 +127,6 @@ TRL_OPTIONS: dict[str, TRLOption] = {o.name: o for o in [
               _fixed("lora_task_type", ("CAUSAL_LM",), "hypo trains causal LMs")),
     *[TRLOption(name, f"refused ({why})", _refused(name, f"{_NO_MEANING} yet ({why})"), arity=arity)
       for name, why, arity in [
-          ("attn_implementation", "the model's default attention is used", "one"),
           ("use_dora", "LoRA adapters only; pass a peft config to HyPOTrainer for other kinds", "bool"),
           ("use_rslora", "plain LoRA scaling; pass a peft LoraConfig to HyPOTrainer for rsLoRA", "bool"),
           ("lora_modules_to_save", "pass a peft LoraConfig to HyPOTrainer", "list"),
