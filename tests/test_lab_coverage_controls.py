@@ -71,6 +71,22 @@ def test_setting_names_and_the_default_grid():
     assert run_name(10, "full", 2, DEFAULT_SETTINGS[3]) == "w10-full-s2-dpo-b0.1-linear"
 
 
+def test_run_order_puts_the_primary_settings_first():
+    from hypo.lab.coverage_controls import CoverageControlsConfig, run_order
+
+    order = run_order(CoverageControlsConfig())
+    assert len(order) == 30 + 15 + 15
+    assert order[0] == (10, 1, "partial", ["dpo-b0.1", "hypo-kl0.01"])
+    assert order[5] == (10, 3, "full", ["dpo-b0.1", "hypo-kl0.01"]) and order[6][0] == 20
+    assert {c for _, _, c, _ in order[30:45]} == {"partial"} and {c for _, _, c, _ in order[45:]} == {"full"}
+    assert order[30][3] == ["dpo-b0.3", "dpo-b1", "dpo-b0.1-linear", "hypo-kl0.001", "hypo-kl0.0001", "hypo-kl1e-05"]
+    assert sum(len(names) for *_, names in order) == 240  # every run once
+    assert run_order(CoverageControlsConfig.quick()) == [(10, 1, "partial", ["dpo-b0.1", "hypo-kl0.01"]),
+                                                          (10, 1, "full", ["dpo-b0.1", "hypo-kl0.01"]),
+                                                          (20, 1, "partial", ["dpo-b0.1", "hypo-kl0.01"]),
+                                                          (20, 1, "full", ["dpo-b0.1", "hypo-kl0.01"])]
+
+
 def test_train_config_carries_the_setting(tmp_path):
     from hypo.lab.coverage_controls import CoverageControlsConfig, Setting, train_config
 

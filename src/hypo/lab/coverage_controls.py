@@ -346,8 +346,9 @@ def evaluate_reference(cell: Cell, result_path: Path, meta: dict[str, Any]) -> N
 
 
 def run_cell(config: CoverageControlsConfig, runs_dir: Path, out: Path, world_seed: int, seed: int,
-             coverage: str) -> None:
-    """Every missing run of one (world, seed, coverage), in this process, one after the other."""
+             coverage: str, only: list[str] | None = None) -> None:
+    """Every missing run of one (world, seed, coverage) (of the settings named in `only`, if given), in this process,
+    one after the other."""
     import torch
 
     torch.set_num_threads(config.num_threads)
@@ -360,7 +361,7 @@ def run_cell(config: CoverageControlsConfig, runs_dir: Path, out: Path, world_se
     for setting in config.settings:
         name = run_name(world_seed, coverage, seed, setting)
         path = out / "runs" / f"{name}.json"
-        if path.is_file():
+        if path.is_file() or (only is not None and setting.name not in only):
             continue
         start, cpu_start = time.perf_counter(), time.process_time()
         train_seconds = train_and_evaluate(cell, setting, seed, runs_dir / "tmp" / name, path,
@@ -379,7 +380,7 @@ def _spawn(spec: dict[str, Any], log_path: Path, num_threads: int) -> float:
     command = ["nice", "-n", "10", sys.executable, "-m", "hypo.lab.coverage_controls", json.dumps(spec)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with log_path.open("w") as handle:
+    with log_path.open("a") as handle:  # a cell runs once per phase: its log keeps every phase
         status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
                                 env={**os.environ, **MALLOC, "OMP_NUM_THREADS": str(num_threads)}).returncode
     if status != 0:
@@ -400,43 +401,74 @@ def config_from_dict(values: dict[str, Any]) -> CoverageControlsConfig:
     return CoverageControlsConfig(**values)
 
 
-def missing_runs(config: CoverageControlsConfig, out: Path, world_seed: int, seed: int, coverage: str) -> list[str]:
-    names = [run_name(world_seed, coverage, seed, s) for s in config.settings]
-    return [n for n in names if not (out / "runs" / f"{n}.json").is_file()]
+def missing_runs(config: CoverageControlsConfig, out: Path, world_seed: int, seed: int, coverage: str,
+                 only: list[str] | None = None) -> list[str]:
+    """Names of the settings (among `only`, if given) whose run of this cell has no JSON yet."""
+    return [s.name for s in config.settings if (only is None or s.name in only)
+            and not (out / "runs" / f"{run_name(world_seed, coverage, seed, s)}.json").is_file()]
+
+
+def run_order(config: CoverageControlsConfig) -> list[tuple[int, int, str, list[str]]]:
+    """(world seed, seed, coverage, setting names) in three phases, so that a grid stopped part-way has answered
+    the most: 1) the primary endpoint's two settings in every cell, world by world; 2) the other settings under
+    partial coverage; 3) the other settings under full coverage. The order does not change any result (every run
+    is seeded on its own).
+
+    Example: the default grid -> 30 cells of ['dpo-b0.1', 'hypo-kl0.01'], then 15 partial and 15 full cells of the
+    other six settings.
+    """
+    from hypo.lab.coverage_controls_report import PRIMARY_DPO, PRIMARY_HYPO
+
+    names = [s.name for s in config.settings]
+    primary = [n for n in names if n in (PRIMARY_DPO, PRIMARY_HYPO)]
+    others = [n for n in names if n not in primary]
+    order = [(w, s, c, primary) for w, s, c in config.cells()] if primary else []
+    for coverage in config.coverages:
+        order += [(w, s, c, others) for w, s, c in config.cells() if c == coverage] if others else []
+    return order
+
+
+def build_and_record_world(config: CoverageControlsConfig, runs_dir: Path, out: Path, spec: dict[str, Any],
+                           world_seed: int, log=print) -> None:
+    """Build the world in its own process unless it exists, and copy its record (without timings) under `out`."""
+    world = runs_dir / f"w{world_seed}"
+    if not all((world / c / "coverage.json").is_file() for c in config.coverages):
+        log(f"building world {world_seed}")
+        seconds = _spawn({**spec, "kind": "world", "world_seed": world_seed}, runs_dir / "logs" /
+                         f"world-{world_seed}.log", config.num_threads)
+        log(f"  {seconds:.0f} s")
+    record = json.loads((world / REFERENCE_FOLDER / "world.json").read_text())
+    (out / "worlds").mkdir(exist_ok=True)
+    coverage = {c: json.loads((world / c / "coverage.json").read_text()) for c in config.coverages}
+    (out / "worlds" / f"w{world_seed}.json").write_text(json.dumps(
+        {"reference": {k: v for k, v in record.items() if k != "pretraining"} |
+         {"pretraining_loss_per_epoch": record["pretraining"]["loss_per_epoch"]}, "coverage": coverage},
+        indent=1) + "\n")
 
 
 def run_coverage_controls(config: CoverageControlsConfig, runs_dir: Path, out: Path, collect_only: bool = False,
                           log=print) -> dict[str, Any]:
-    """Build the missing worlds, run the missing cells (each in its own process), then write the tables."""
+    """Build the missing worlds and run the missing runs (`run_order`; each cell's runs of a phase in one process),
+    then write the tables."""
     from hypo.lab.coverage_controls_report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     if not collect_only:
         (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=1) + "\n")
         spec = {"config": config_to_dict(config), "runs_dir": str(runs_dir), "out": str(out)}
-        for world_seed in config.world_seeds:
-            world = runs_dir / f"w{world_seed}"
-            if not all((world / c / "coverage.json").is_file() for c in config.coverages):
-                log(f"building world {world_seed}")
-                seconds = _spawn({**spec, "kind": "world", "world_seed": world_seed}, runs_dir / "logs" /
-                                 f"world-{world_seed}.log", config.num_threads)
-                log(f"  {seconds:.0f} s")
-            record = json.loads((world / REFERENCE_FOLDER / "world.json").read_text())
-            (out / "worlds").mkdir(exist_ok=True)
-            coverage = {c: json.loads((world / c / "coverage.json").read_text()) for c in config.coverages}
-            (out / "worlds" / f"w{world_seed}.json").write_text(json.dumps(
-                {"reference": {k: v for k, v in record.items() if k != "pretraining"} |
-                 {"pretraining_loss_per_epoch": record["pretraining"]["loss_per_epoch"]}, "coverage": coverage},
-                indent=1) + "\n")
-        cells = config.cells()
-        for i, (world_seed, seed, coverage) in enumerate(cells, 1):
-            missing = missing_runs(config, out, world_seed, seed, coverage)
-            label = f"[{i}/{len(cells)}] w{world_seed} s{seed} {coverage}"
+        built: set[int] = set()
+        order = run_order(config)
+        for i, (world_seed, seed, coverage, names) in enumerate(order, 1):
+            if world_seed not in built:
+                build_and_record_world(config, runs_dir, out, spec, world_seed, log)
+                built.add(world_seed)
+            missing = missing_runs(config, out, world_seed, seed, coverage, names)
+            label = f"[{i}/{len(order)}] w{world_seed} s{seed} {coverage}"
             if not missing:
                 log(f"{label}: done already, kept")
                 continue
-            log(f"{label}: {len(missing)} run(s)")
-            seconds = _spawn({**spec, "kind": "cell", "cell": [world_seed, seed, coverage]},
+            log(f"{label}: {', '.join(missing)}")
+            seconds = _spawn({**spec, "kind": "cell", "cell": [world_seed, seed, coverage], "settings": missing},
                              runs_dir / "logs" / f"w{world_seed}-{coverage}-s{seed}.log", config.num_threads)
             log(f"  {seconds:.0f} s")
     return write_report(out, config)
@@ -452,7 +484,7 @@ def _main(spec: dict[str, Any]) -> None:
         build_controls_world(runs_dir / f"w{spec['world_seed']}", spec["world_seed"], config)
     else:
         world_seed, seed, coverage = spec["cell"]
-        run_cell(config, runs_dir, out, world_seed, seed, coverage)
+        run_cell(config, runs_dir, out, world_seed, seed, coverage, spec.get("settings"))
 
 
 if __name__ == "__main__":
