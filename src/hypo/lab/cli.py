@@ -39,6 +39,8 @@ def bandit_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", default=None, help=f"Comma-separated subset of: {', '.join(REGIMES)}.")
     p.add_argument("--optimizer", choices=["adam", "gd"], default="adam", help="Full-batch Adam or gradient descent.")
     p.add_argument("--output_dir", default="lab-results/bandit", help="Folder for the table and plots.")
+    p.add_argument("--equal_terms", action="store_true", help="Instead: every method with five settings, picked per "
+                   "KL budget without the gold reward (and by it, beside), paired intervals; writes equal_terms.md/csv.")
     return p
 
 
@@ -51,6 +53,8 @@ def run_bandit(argv: list[str]) -> int:
 
     args = bandit_parser().parse_args(argv)
     torch.set_num_threads(1)
+    if args.equal_terms:
+        return run_bandit_equal_terms(args)
     config = LabConfig.quick(args.seed) if args.quick else LabConfig(seed=args.seed)
     if args.instances is not None:
         config.instances = args.instances
@@ -68,6 +72,25 @@ def run_bandit(argv: list[str]) -> int:
           f"{time.perf_counter() - start:.1f} s")
     print(f"  table: {out / 'results.csv'}, {out / 'summary.md'}")
     print(f"  plots: {out / 'frontier.png'}, {out / 'curves_kl.png'} (+ off_support, reward, logps)")
+    return 0
+
+
+def run_bandit_equal_terms(args: argparse.Namespace) -> int:
+    from hypo.lab.bandit_equal_terms import EqualTermsConfig, run_equal_terms
+    from hypo.lab.regimes import split_regime
+
+    config = EqualTermsConfig.quick(args.seed) if args.quick else EqualTermsConfig(seed=args.seed)
+    if args.instances is not None:
+        config.instances = args.instances
+    if args.regimes:
+        config.regimes = tuple(args.regimes.split(","))
+        for regime in config.regimes:
+            split_regime(regime)
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    run_equal_terms(config, out)
+    print(f"hypo lab bandit --equal_terms: {len(config.regimes)} regimes x {config.instances} instances in "
+          f"{time.perf_counter() - start:.1f} s; tables: {out / 'equal_terms.md'}, {out / 'equal_terms.csv'}")
     return 0
 
 
