@@ -1,10 +1,12 @@
-"""`hypo lab bandit | lm | rlhf`: the coverage lab's command line.
+"""`hypo lab bandit | lm | rlhf | partial-coverage | coverage-controls`: the coverage lab's command line.
 
 - `bandit`: exact contextual-bandit sweeps (`hypo.lab.bandit.experiments`), minutes on a CPU.
 - `lm`: DPO, HyPO and RLHF runs on the embedded language model (`hypo.lab.lm.grid`), hours on a CPU, resumable.
 - `rlhf`: one RLHF baseline run (`hypo.lab.lm.rlhf`); it takes `hypo train`'s options plus the reward model's.
 - `partial-coverage`: DPO and HyPO on a synthetic language with partial coverage by construction, judged in
   three gold worlds (`hypo.lab.partial_coverage.experiment`), under an hour on a CPU, resumable.
+- `coverage-controls`: the same language in several worlds, under partial and full coverage, with label-free DPO
+  baselines and HyPO in as many settings (`hypo.lab.coverage_controls.experiment`), hours on a CPU, resumable.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ USAGE = """hypo lab: the coverage lab (arXiv 2406.01462)
   hypo lab lm [--seeds 42,43,44] [--methods dpo,hypo,rlhf] [--runs_dir D] [--output_dir D]
   hypo lab rlhf --output_dir D [hypo train options] [--reward_model_dir D ...]
   hypo lab partial-coverage [--seeds 1,...,8] [--kl_coefs A,B] [--runs_dir D] [--output_dir D] [--collect_only]
+  hypo lab coverage-controls [--quick] [--world_seeds A,B] [--seeds A,B] [--runs_dir D] [--output_dir D] [--collect_only]
 
 `hypo lab <experiment> --help` lists every option.
 """
@@ -36,6 +39,8 @@ def bandit_parser() -> argparse.ArgumentParser:
     p.add_argument("--regimes", default=None, help=f"Comma-separated subset of: {', '.join(REGIMES)}.")
     p.add_argument("--optimizer", choices=["adam", "gd"], default="adam", help="Full-batch Adam or gradient descent.")
     p.add_argument("--output_dir", default="lab-results/bandit", help="Folder for the table and plots.")
+    p.add_argument("--equal_terms", action="store_true", help="Instead: every method with five settings, picked per "
+                   "KL budget without the gold reward (and by it, beside), paired intervals; writes equal_terms.md/csv.")
     return p
 
 
@@ -48,6 +53,8 @@ def run_bandit(argv: list[str]) -> int:
 
     args = bandit_parser().parse_args(argv)
     torch.set_num_threads(1)
+    if args.equal_terms:
+        return run_bandit_equal_terms(args)
     config = LabConfig.quick(args.seed) if args.quick else LabConfig(seed=args.seed)
     if args.instances is not None:
         config.instances = args.instances
@@ -65,6 +72,25 @@ def run_bandit(argv: list[str]) -> int:
           f"{time.perf_counter() - start:.1f} s")
     print(f"  table: {out / 'results.csv'}, {out / 'summary.md'}")
     print(f"  plots: {out / 'frontier.png'}, {out / 'curves_kl.png'} (+ off_support, reward, logps)")
+    return 0
+
+
+def run_bandit_equal_terms(args: argparse.Namespace) -> int:
+    from hypo.lab.bandit.equal_terms import EqualTermsConfig, run_equal_terms
+    from hypo.lab.bandit.regimes import split_regime
+
+    config = EqualTermsConfig.quick(args.seed) if args.quick else EqualTermsConfig(seed=args.seed)
+    if args.instances is not None:
+        config.instances = args.instances
+    if args.regimes:
+        config.regimes = tuple(args.regimes.split(","))
+        for regime in config.regimes:
+            split_regime(regime)
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    run_equal_terms(config, out)
+    print(f"hypo lab bandit --equal_terms: {len(config.regimes)} regimes x {config.instances} instances in "
+          f"{time.perf_counter() - start:.1f} s; tables: {out / 'equal_terms.md'}, {out / 'equal_terms.csv'}")
     return 0
 
 
@@ -174,9 +200,51 @@ def run_partial_coverage(argv: list[str]) -> int:
     return 0
 
 
+def coverage_controls_parser() -> argparse.ArgumentParser:
+    from hypo.lab.coverage_controls.experiment import CoverageControlsConfig
+
+    d = CoverageControlsConfig()
+    p = argparse.ArgumentParser(prog="hypo lab coverage-controls", description="DPO and HyPO, each in four settings "
+                                "read by label-free rules, on the partial-coverage language in several worlds under "
+                                "partial and full coverage (docs/coverage-lab-controls.md). Resumable.")
+    p.add_argument("--quick", action="store_true", help="Two tiny worlds, one seed, two settings, 2 steps per run "
+                   "(about a minute; for the tests).")
+    p.add_argument("--runs_dir", default="runs/lab-coverage-controls", help="Worlds, logs and (temporary) run folders.")
+    p.add_argument("--output_dir", default="docs/lab-results/coverage-controls", help="Per-run JSON results, "
+                   "references, summary.md/json, curves.png; a run whose JSON exists is skipped.")
+    p.add_argument("--world_seeds", default=None, help=f"World seeds (default {','.join(map(str, d.world_seeds))}).")
+    p.add_argument("--seeds", default=None, help=f"Training seeds (default {','.join(map(str, d.seeds))}).")
+    p.add_argument("--coverages", default=None, help="partial,full (default both).")
+    p.add_argument("--collect_only", action="store_true", help="Only rebuild the tables from the JSON files.")
+    return p
+
+
+def run_coverage_controls(argv: list[str]) -> int:
+    from hypo.lab.coverage_controls.experiment import CoverageControlsConfig
+    from hypo.lab.coverage_controls.experiment import run_coverage_controls as run
+
+    args = coverage_controls_parser().parse_args(argv)
+    config = CoverageControlsConfig.quick() if args.quick else CoverageControlsConfig()
+    for name in ("world_seeds", "seeds"):
+        if getattr(args, name):
+            setattr(config, name, tuple(int(s) for s in getattr(args, name).split(",") if s))
+    if args.coverages:
+        config.coverages = tuple(c for c in args.coverages.split(",") if c)
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    try:
+        run(config, Path(args.runs_dir), out, collect_only=args.collect_only, log=lambda s: print(s, flush=True))
+    except RuntimeError as error:
+        print(f"hypo lab coverage-controls: {error}", file=sys.stderr)
+        return 1
+    print(f"hypo lab coverage-controls: done in {time.perf_counter() - start:.1f} s; tables: {out / 'summary.md'}")
+    return 0
+
+
 def run_lab(argv: list[str]) -> int:
     """Entry point of `hypo lab ...`."""
-    experiments = {"bandit": run_bandit, "lm": run_lm, "rlhf": run_rlhf, "partial-coverage": run_partial_coverage}
+    experiments = {"bandit": run_bandit, "lm": run_lm, "rlhf": run_rlhf, "partial-coverage": run_partial_coverage,
+                   "coverage-controls": run_coverage_controls}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
