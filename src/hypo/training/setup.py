@@ -131,7 +131,7 @@ def prepare_run(config: HyPOConfig, inputs: RunInputs | None = None) -> Run:
         torch.set_num_threads(config.num_threads)
     output_dir, checkpoint = run_folder(config)  # checked before anything is written or loaded
     # every data row, the judge, the model paths, rows per batch: the tokenized data (HyPOTrainer checked already)
-    data = inputs.data or check_run_inputs(config, inputs.rows, inputs.models)
+    data = inputs.data if inputs.data is not None else check_run_inputs(config, inputs.rows, inputs.models)
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
     accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir,
                                    timeout_seconds=config.ddp_timeout)
