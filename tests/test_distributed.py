@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import free_port
+
 
 def test_two_process_training_under_accelerate_launch(tiny_model_dir, tiny_task, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -21,7 +23,7 @@ def test_two_process_training_under_accelerate_launch(tiny_model_dir, tiny_task,
         "--max_steps", "2", "--per_device_train_batch_size", "2", "--per_device_prompt_batch_size", "2",
         "--max_completion_length", "6", "--eval_max_prompts", "2", "--output_dir", str(out),
     ]
-    env = {**os.environ, "MASTER_PORT": "29533"}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

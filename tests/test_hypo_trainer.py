@@ -13,6 +13,7 @@ import torch
 from test_train import _assert_same_weights, _config, _weights
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from conftest import free_port
 from hypo import HyPOTrainer
 from hypo.data.files import DataError
 from hypo.models.loading import load_tokenizer
@@ -236,7 +237,7 @@ def test_a_callback_on_the_main_process_stops_every_process(tiny_model_dir, tiny
                "--num_cpu_threads_per_process", "1", str(Path(__file__).with_name("callback_worker.py")), str(out),
                str(tiny_model_dir), str(tiny_task["pairs"]), str(tiny_task["prompts"])]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MASTER_PORT": "29537"})
+                          env={**os.environ, "MASTER_PORT": str(free_port())})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert [r["steps"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [2, 2]

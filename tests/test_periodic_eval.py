@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_train import _assert_same_weights, _config
 
+from conftest import free_port
 from hypo.config import HyPOConfig
 from hypo.training.trainer import train
 
@@ -100,7 +101,7 @@ def test_periodic_evaluation_under_two_processes(tiny_model_dir, tiny_task, tmp_
         "--output_dir", str(out),
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MASTER_PORT": "29534"})
+                          env={**os.environ, "MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_objective/kl" in r] == [1, 2]  # periodic at 1, final at 2
