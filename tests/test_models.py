@@ -350,3 +350,18 @@ def test_a_bfloat16_lora_base_keeps_float32_adapters_that_learn_under_checkpoint
     policy.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].to(torch.bfloat16)
     with pytest.raises(ValueError, match="must be float32"):
         check_adapters_float32(policy)
+
+
+def test_bfloat16_weights_warn_only_when_they_train(tiny_tokenizer, caplog):
+    """A handed-over bf16 policy warns (AdamW's small updates are rounded away); under LoRA the bf16 base is frozen
+    and the float32 adapters train: no warning. Handed-over float16 weights are refused either way."""
+    from hypo.models.loading import _check_weight_dtype
+
+    model = build_model(tiny_tokenizer).to(torch.bfloat16)
+    with caplog.at_level("WARNING", logger="hypo.models"):
+        _check_weight_dtype(model, "float32", given=True)
+        assert sum("rounded away" in r.getMessage() for r in caplog.records) == 1
+        _check_weight_dtype(model, "float32", given=True, lora=True)
+        assert sum("rounded away" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="float16 weights are refused"):
+        _check_weight_dtype(model.to(torch.float16), "float32", given=True, lora=True)

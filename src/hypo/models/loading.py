@@ -161,12 +161,14 @@ def load_saved_weights(model, directory: Path) -> None:
                          f"{list(unexpected)[:5]})")
 
 
-def _check_weight_dtype(policy, dtype_option: str, given: bool) -> None:
+def _check_weight_dtype(policy, dtype_option: str, given: bool, lora: bool = False) -> None:
+    """Refuse handed-over float16 weights; warn about bfloat16 weights that train (under LoRA the bf16 base is
+    frozen and the adapters are float32, checked after they are added: nothing to warn about)."""
     dtypes = {p.dtype for p in policy.parameters()}
     if given and torch.float16 in dtypes:
         raise ValueError("model: float16 weights are refused (updates are rounded away and gradients overflow "
                          "silently); load the model in float32 and use mixed_precision=fp16")
-    if (given or dtype_option == "auto") and torch.bfloat16 in dtypes:
+    if (given or dtype_option == "auto") and torch.bfloat16 in dtypes and not lora:
         logger.warning("the policy has bfloat16 weights: AdamW updates smaller than about 1/256 of a weight are "
                        "rounded away; load it in float32 (with mixed_precision bf16) to keep every update")
 
@@ -186,7 +188,7 @@ def load_policy_and_reference(config, checkpoint: Path | None = None, given: Giv
     else:
         policy = given.model
         disable_dropout(policy)
-    _check_weight_dtype(policy, config.dtype, given.model is not None)
+    _check_weight_dtype(policy, config.dtype, given.model is not None, lora)
     # the reference of a loaded model is its initial state: copied before any checkpoint's weights come in
     copied_reference = copy.deepcopy(policy) if given.model is not None and not lora and \
         given.ref_model is None and not config.ref_model_name_or_path else None
