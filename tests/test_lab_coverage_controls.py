@@ -272,9 +272,44 @@ def test_report_from_run_files(tmp_path):
     assert at3["pairs"] == 4 and at3["worst"]["estimate"] == pytest.approx(0.05)
     assert next(r for r in summary["matched_kl"]["partial"] if r["level"] == 10.0)["pairs"] == 0
     # DPO reaches 10 nats never (it ends at 8)
-    assert summary["break_away"]["partial"]["reached"] == 0
+    assert summary["break_away"]["dpo-b0.1"]["partial"]["reached"] == 0
+    assert summary["break_away"]["dpo-b0.1"]["partial"]["final_kl_median"] == pytest.approx(8.0)
+    assert summary["break_away"]["hypo-kl0.01"]["partial"]["runs"] == 4
     assert "## Primary endpoint" in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["runs"] == 8
+
+
+def test_break_away_counts_every_setting_under_each_coverage(tmp_path):
+    """DPO beta 0.1 passes 10 nats between steps 32 and 64 (KL 2 -> 12: at step 57.6) in world 10 only, under
+    partial coverage; under full coverage it never does. DPO beta 0.3 stays at 5 nats. The table has a row per
+    setting and coverage, and the paired partial - full line for beta 0.1."""
+    from hypo.lab.coverage_controls.report import write_report
+
+    (tmp_path / "reference").mkdir()
+    for coverage in ("partial", "full"):
+        for world in (10, 20):
+            (tmp_path / "reference" / f"w{world}-{coverage}.json").write_text(json.dumps(
+                {"world_seed": world, "coverage": coverage, **_evaluation(0, 0.0, [0.5, 0.5, 0.5], loss=math.log(2),
+                                                                           accuracy=0.5)}))
+            far = 12.0 if (coverage, world) == ("partial", 10) else 6.0
+            _write_run(tmp_path, world, 1, coverage, "dpo", 0.1, 0.0,
+                       [_evaluation(32, 2.0, [0.7, 0.8, 0.8]), _evaluation(64, far, [0.6, 0.9, 0.9])])
+            _write_run(tmp_path, world, 1, coverage, "dpo", 0.3, 0.0,
+                       [_evaluation(32, 2.0, [0.7, 0.8, 0.8]), _evaluation(64, 5.0, [0.8, 0.9, 0.9])])
+            _write_run(tmp_path, world, 1, coverage, "hypo", 0.1, 0.01,
+                       [_evaluation(32, 2.0, [0.7, 0.7, 0.7]), _evaluation(64, 4.0, [0.8, 0.9, 0.9])])
+    summary = write_report(tmp_path, plots=False)
+    beta01 = summary["break_away"]["dpo-b0.1"]
+    assert list(summary["break_away"]) == ["dpo-b0.1", "dpo-b0.3", "hypo-kl0.01"]
+    assert (beta01["partial"]["reached"], beta01["full"]["reached"]) == (1, 0)
+    assert beta01["partial"]["step"]["estimate"] == pytest.approx(57.6)
+    assert beta01["partial"]["final_kl_range"] == [6.0, 12.0] and beta01["partial"]["final_kl_over_100"] == 0
+    assert beta01["partial_minus_full"]["final_kl"]["estimate"] == pytest.approx(3.0)  # (6 + 0) / 2 worlds
+    assert summary["break_away"]["dpo-b0.3"]["full"]["reached"] == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "| dpo-b0.1 | partial | 1 of 2 | 58 | 9.0 / 9.0 (6.0-12.0) |" in text
+    assert "| dpo-b0.3 | full | 0 of 2 | - | 5.0 / 5.0 (5.0-5.0) |" in text
+    assert "dpo-b0.1, partial - full, paired: step" in text
 
 
 # --- the whole pipeline on tiny worlds ----------------------------------------------------------------------------

@@ -281,26 +281,40 @@ def matched_kl(grid: Grid) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def break_away(grid: Grid) -> dict[str, Any]:
-    """PRIMARY_DPO under each coverage: the step where its KL first reaches BREAK_AWAY_KL (interpolated; NaN if
-    never), the final KL, off-range and EOS rates and ignore-world win rate, and partial - full paired."""
+def break_away(grid: Grid, setting: str = PRIMARY_DPO) -> dict[str, Any]:
+    """One setting under each coverage: the step where its KL first reaches BREAK_AWAY_KL (interpolated; NaN if
+    never), the final KL (mean, median, range), off-range and EOS rates and ignore-world win rate, and
+    partial - full paired."""
     out: dict[str, Any] = {}
     per = {}
     for c in grid.coverages:
-        per[c] = {"step": _table(grid, c, PRIMARY_DPO, lambda t, b: interpolate_step(t.steps, t.kl, BREAK_AWAY_KL)),
-                  "final_kl": _table(grid, c, PRIMARY_DPO, lambda t, b: t.kl[-1]),
-                  "final_off_range": _table(grid, c, PRIMARY_DPO, lambda t, b: t.off_range[-1]),
-                  "final_eos_rate": _table(grid, c, PRIMARY_DPO, lambda t, b: t.eos_rate[-1]),
-                  "final_ignore": _table(grid, c, PRIMARY_DPO, lambda t, b: t.ignore[-1]),
-                  "best_ignore": _table(grid, c, PRIMARY_DPO, lambda t, b: max(t.ignore))}
-        out[c] = {"runs": int((~np.isnan(per[c]["final_kl"])).sum()),
+        if not grid.runs.get((c, setting)):
+            continue
+        per[c] = {"step": _table(grid, c, setting, lambda t, b: interpolate_step(t.steps, t.kl, BREAK_AWAY_KL)),
+                  "final_kl": _table(grid, c, setting, lambda t, b: t.kl[-1]),
+                  "final_off_range": _table(grid, c, setting, lambda t, b: t.off_range[-1]),
+                  "final_eos_rate": _table(grid, c, setting, lambda t, b: t.eos_rate[-1]),
+                  "final_ignore": _table(grid, c, setting, lambda t, b: t.ignore[-1]),
+                  "best_ignore": _table(grid, c, setting, lambda t, b: max(t.ignore))}
+        final_kl = per[c]["final_kl"]
+        if np.isnan(final_kl).all():
+            del per[c]
+            continue
+        out[c] = {"runs": int((~np.isnan(final_kl)).sum()),
                   "reached": int((~np.isnan(per[c]["step"])).sum()),
-                  "final_kl_over_100": int((per[c]["final_kl"] > 100).sum()),
+                  "final_kl_over_100": int((final_kl > 100).sum()),
                   **{k: describe(v) for k, v in per[c].items()},
-                  "final_kl_range": [float(np.nanmin(per[c]["final_kl"])), float(np.nanmax(per[c]["final_kl"]))]}
+                  "final_kl_median": float(np.nanmedian(final_kl)),
+                  "final_kl_range": [float(np.nanmin(final_kl)), float(np.nanmax(final_kl))]}
     if set(per) == {"partial", "full"}:
         out["partial_minus_full"] = {k: compare(per["partial"][k], per["full"][k]) for k in per["partial"]}
     return out
+
+
+def break_away_order(grid: Grid) -> list[str]:
+    """PRIMARY_DPO, DPO's other settings, then HyPO's (for comparison)."""
+    dpo = [PRIMARY_DPO, *(s for s in grid.method_settings("dpo") if s != PRIMARY_DPO)]
+    return [*dpo, *grid.method_settings("hypo")]
 
 
 def trajectories(grid: Grid) -> dict[str, dict[str, list[dict[str, float]]]]:
@@ -339,7 +353,8 @@ def analyse(out: Path) -> dict[str, Any]:
     names = set(grid.settings)
     if {PRIMARY_HYPO, PRIMARY_DPO} <= names:
         summary |= {"primary": primary(grid), "recipes": recipes(grid), "tuned": tuned_picks(grid),
-                    "matched_kl": matched_kl(grid), "break_away": break_away(grid)}
+                    "matched_kl": matched_kl(grid),
+                    "break_away": {setting: break_away(grid, setting) for setting in break_away_order(grid)}}
     return summary
 
 
@@ -441,22 +456,29 @@ def markdown(summary: dict[str, Any]) -> str:
                              f"{r['dpo_worst']:.3f} | {_ci(r['worst'])} | {r['worst']['reading']} | "
                              f"{r['hypo_off_range']:.3f} / {r['dpo_off_range']:.3f} | {_ci(r['off_range'])} |")
             lines.append("")
-        b = summary["break_away"]
         lines += ["## When DPO breaks away", "",
-                  f"{PRIMARY_DPO}: the step at which its held-out KL first reaches {BREAK_AWAY_KL:g} nats "
-                  "(interpolated between checkpoints), and its final state.", "",
-                  "| coverage | runs reaching | step reached | final KL (range) | runs ending above 100 nats | "
-                  "final off-range | final EOS rate | final ignore win | best ignore win |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for c in summary["coverages"]:
-            r = b[c]
-            lines.append(f"| {c} | {r['reached']} of {r['runs']} | {r['step']['estimate']:.0f} | "
-                         f"{r['final_kl']['estimate']:.1f} ({r['final_kl_range'][0]:.1f}-{r['final_kl_range'][1]:.1f}) | "
-                         f"{r['final_kl_over_100']} | {r['final_off_range']['estimate']:.3f} | "
-                         f"{r['final_eos_rate']['estimate']:.3f} | {r['final_ignore']['estimate']:.3f} | "
-                         f"{r['best_ignore']['estimate']:.3f} |")
+                  f"Each setting (DPO's first, HyPO's for comparison): the runs whose held-out KL reaches "
+                  f"{BREAK_AWAY_KL:g} nats, the mean step at which they first do (interpolated between checkpoints), "
+                  "and the final state (means over runs).", "",
+                  "| setting | coverage | runs reaching | step reached | final KL mean / median (range) | "
+                  "runs ending above 100 nats | final off-range | final EOS rate | final ignore win | "
+                  "best ignore win |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for setting, b in summary["break_away"].items():
+            for c in summary["coverages"]:
+                if c not in b:
+                    continue
+                r = b[c]
+                step = f"{r['step']['estimate']:.0f}" if r["reached"] else "-"
+                lines.append(f"| {setting} | {c} | {r['reached']} of {r['runs']} | {step} | "
+                             f"{r['final_kl']['estimate']:.1f} / {r['final_kl_median']:.1f} "
+                             f"({r['final_kl_range'][0]:.1f}-{r['final_kl_range'][1]:.1f}) | "
+                             f"{r['final_kl_over_100']} | {r['final_off_range']['estimate']:.3f} | "
+                             f"{r['final_eos_rate']['estimate']:.3f} | {r['final_ignore']['estimate']:.3f} | "
+                             f"{r['best_ignore']['estimate']:.3f} |")
+        b = summary["break_away"][PRIMARY_DPO]
         if "partial_minus_full" in b:
-            lines += ["", "Partial - full, paired: " + "; ".join(
+            lines += ["", f"{PRIMARY_DPO}, partial - full, paired: " + "; ".join(
                 f"{k} {_ci(v, 3 if 'step' not in k and 'kl' not in k else 1)}"
                 for k, v in b["partial_minus_full"].items()) + " (step: runs where both reach the level)."]
         lines.append("")
