@@ -116,6 +116,26 @@ def test_an_fsdp1_run_is_told_to_use_fsdp2_for_the_reference(tiny_tokenizer):
         Reference(build_model(tiny_tokenizer)).prepare(fsdp1)
 
 
+def test_an_fsdp1_run_is_refused_before_any_model_loads(tiny_model_dir, tiny_task, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    import hypo.models.loading
+    import hypo.training.setup
+    from hypo.config import HyPOConfig
+    from hypo.training.trainer import train
+
+    fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.FSDP, state=SimpleNamespace())
+    monkeypatch.setattr(hypo.training.setup, "make_accelerator", lambda **kwargs: fsdp1)
+    monkeypatch.setattr(hypo.models.loading, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    config = HyPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(tiny_task["pairs"]),
+                        prompts=str(tiny_task["prompts"]), output_dir=str(tmp_path / "run"), max_steps=1)
+    with pytest.raises(ValueError, match="--fsdp_version 2"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
 def test_deepspeed_gets_the_loops_micro_batch_and_accumulation():
     from hypo.training.backward import deepspeed_batch_settings
 

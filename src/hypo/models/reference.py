@@ -50,15 +50,11 @@ class Reference:
         """
         if self.model is None:
             return self
-        from accelerate import DistributedType
+        from hypo.runtime.distributed import refuse_fsdp1, shard_frozen_fsdp2, shard_frozen_zero3, uses_zero3
 
-        from hypo.runtime.distributed import shard_frozen_fsdp2, shard_frozen_zero3, uses_zero3
-
+        refuse_fsdp1(accelerator)
         if accelerator.is_fsdp2:
             self.model = shard_frozen_fsdp2(accelerator, self.model)
-        elif accelerator.distributed_type == DistributedType.FSDP:
-            raise ValueError("hypo shards the reference with FSDP2 only: launch with --fsdp_version 2 "
-                             "(fsdp_version: 2 in the accelerate config)")
         elif uses_zero3(accelerator):
             self.model = shard_frozen_zero3(accelerator, self.model)
         else:

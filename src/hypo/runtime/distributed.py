@@ -203,6 +203,16 @@ def zero3_inference_config(train_config: dict[str, Any], hidden_size: int | None
     return config
 
 
+def refuse_fsdp1(accelerator) -> None:
+    """hypo shards the frozen reference with FSDP2 (`shard_frozen_fsdp2`); FSDP version 1 is refused, before any
+    model loads (`hypo.training.setup.prepare_run`) and again where the reference is placed."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError("hypo shards the reference with FSDP2 only: launch with --fsdp_version 2 "
+                         "(fsdp_version: 2 in the accelerate config)")
+
+
 def uses_zero3(accelerator) -> bool:
     """Whether the run is DeepSpeed ZeRO stage 3 (parameters partitioned across processes)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)

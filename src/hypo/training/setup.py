@@ -17,6 +17,7 @@ from hypo.models.loading import GivenModels, load_policy_and_reference, resolve_
 from hypo.models.reference import Reference
 from hypo.models.tokens import stop_token_ids
 from hypo.runtime.accelerator import make_accelerator, seed_everything
+from hypo.runtime.distributed import refuse_fsdp1
 from hypo.training.backward import configure_deepspeed, runs_one_backward
 from hypo.training.checkpoints import (
     STATE_DIR,
@@ -135,6 +136,7 @@ def prepare_run(config: HyPOConfig, inputs: RunInputs | None = None) -> Run:
     trackers = [t.strip() for t in config.report_to.split(",") if t.strip() not in ("", "none")]
     accelerator = make_accelerator(mixed_precision=config.mixed_precision, trackers=trackers, project_dir=output_dir,
                                    timeout_seconds=config.ddp_timeout)
+    refuse_fsdp1(accelerator)  # before any model loads
     check_kl_budget_support(accelerator, config)
     seed_everything(config.seed)
     if accelerator.is_main_process and checkpoint is None:
