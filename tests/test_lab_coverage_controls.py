@@ -310,6 +310,15 @@ def test_break_away_counts_every_setting_under_each_coverage(tmp_path):
     assert "| dpo-b0.1 | partial | 1 of 2 | 58 | 9.0 / 9.0 (6.0-12.0) |" in text
     assert "| dpo-b0.3 | full | 0 of 2 | - | 5.0 / 5.0 (5.0-5.0) |" in text
     assert "dpo-b0.1, partial - full, paired: step" in text
+    # equal tuning: DPO's pick spends most of HyPO's budget (4): beta 0.1 at step 32 (KL 2; its step 64 is over),
+    # beta 0.3 at step 32 too (5 > 4): worst 0.7 (partial) and 0.8 (full: the ignore world); HyPO, ending at 4, 0.8
+    # and 0.9. HyPO - DPO +0.1 under both: interaction 0
+    tuned = summary["tuned"]
+    assert tuned["full"]["label_free"]["dpo_settings"] == ["dpo-b0.1", "dpo-b0.3"]
+    assert tuned["full"]["label_free"]["diff"]["estimate"] == pytest.approx(0.1)
+    assert tuned["partial - full"]["label_free"]["estimate"] == pytest.approx(0.0)
+    assert "| partial | label-free over 1 + 2 settings" in text
+    assert "| partial - full (interaction; not preregistered) | label-free | | | +0.000 [+0.000, +0.000] |" in text
 
 
 # --- the whole pipeline on tiny worlds ----------------------------------------------------------------------------

@@ -205,13 +205,15 @@ def tuned_picks(grid: Grid) -> dict[str, Any]:
     """Equal tuning budget. Label-free: per run cell, each method stops every one of its settings at the KL budget
     and keeps the checkpoint that spends most of it, the largest KL (`pick_within_budget`). Gold oracle (reported
     beside it, not label-free): the one (setting, rule) per method and coverage with the highest mean
-    worst-consistent win rate over all runs."""
+    worst-consistent win rate over all runs. With both coverages, the label-free difference's partial - full
+    interaction too (paired by world and seed; not preregistered)."""
     out: dict[str, Any] = {}
+    label_free_diffs = {}
     for c in grid.coverages:
         budgets = grid.budgets(c)
         picks: dict[str, Any] = {}
         for method in ("hypo", "dpo"):
-            names = grid.method_settings(method)
+            names = [n for n in grid.method_settings(method) if (c, n) in grid.runs]
             values = np.full((len(grid.worlds), len(grid.seeds)), np.nan)
             kls, chosen = np.full_like(values, np.nan), defaultdict(int)
             for w in range(len(grid.worlds)):
@@ -224,7 +226,7 @@ def tuned_picks(grid: Grid) -> dict[str, Any]:
                     chosen[f"{names[k]} step {trajs[k].steps[i]}"] += 1
             oracle = max(((np.nanmean(recipe_values(grid, c, n, r)), n, r) for n in names for r in RULES
                           if not np.all(np.isnan(recipe_values(grid, c, n, r)))), default=None)
-            picks[method] = {"label_free": values, "label_free_kl": float(np.nanmean(kls)),
+            picks[method] = {"label_free": values, "label_free_kl": float(np.nanmean(kls)), "settings": names,
                              "label_free_choices": dict(sorted(chosen.items(), key=lambda kv: -kv[1])),
                              "oracle": None if oracle is None else {"setting": oracle[1], "rule": oracle[2],
                                                                      "values": recipe_values(grid, c, oracle[1],
@@ -232,6 +234,7 @@ def tuned_picks(grid: Grid) -> dict[str, Any]:
         block = {"label_free": {"hypo": describe(picks["hypo"]["label_free"]),
                                 "dpo": describe(picks["dpo"]["label_free"]),
                                 "hypo_kl": picks["hypo"]["label_free_kl"], "dpo_kl": picks["dpo"]["label_free_kl"],
+                                "hypo_settings": picks["hypo"]["settings"], "dpo_settings": picks["dpo"]["settings"],
                                 "hypo_choices": picks["hypo"]["label_free_choices"],
                                 "dpo_choices": picks["dpo"]["label_free_choices"],
                                 "diff": compare(picks["hypo"]["label_free"], picks["dpo"]["label_free"])}}
@@ -240,6 +243,9 @@ def tuned_picks(grid: Grid) -> dict[str, Any]:
                                {"worst": describe(picks[m]["oracle"]["values"])} for m in ("hypo", "dpo")}
             block["oracle"]["diff"] = compare(picks["hypo"]["oracle"]["values"], picks["dpo"]["oracle"]["values"])
         out[c] = block
+        label_free_diffs[c] = picks["hypo"]["label_free"] - picks["dpo"]["label_free"]
+    if set(label_free_diffs) == {"partial", "full"}:
+        out["partial - full"] = {"label_free": compare(label_free_diffs["partial"] - label_free_diffs["full"], 0)}
     return out
 
 
@@ -423,9 +429,11 @@ def markdown(summary: dict[str, Any]) -> str:
                   "rule) with the highest mean worst-consistent win rate over all runs of the coverage.", "",
                   "| coverage | pick | HyPO | DPO | HyPO - DPO [95%] | t-interval | reading |",
                   "|---|---|---|---|---|---|---|"]
-        for c, block in summary["tuned"].items():
+        for c in summary["coverages"]:
+            block = summary["tuned"][c]
             lf = block["label_free"]
-            lines.append(f"| {c} | label-free (mean KL HyPO {lf['hypo_kl']:.2f}, DPO {lf['dpo_kl']:.2f}) | "
+            lines.append(f"| {c} | label-free over {len(lf['hypo_settings'])} + {len(lf['dpo_settings'])} settings "
+                         f"(mean KL HyPO {lf['hypo_kl']:.2f}, DPO {lf['dpo_kl']:.2f}) | "
                          f"{_mean_ci(lf['hypo'])} | {_mean_ci(lf['dpo'])} | {_ci(lf['diff'])} | {_t(lf['diff'])} | "
                          f"{lf['diff']['reading']} |")
             if "oracle" in block:
@@ -434,11 +442,15 @@ def markdown(summary: dict[str, Any]) -> str:
                              f"{o['dpo']['setting']} {o['dpo']['rule']} | {_mean_ci(o['hypo']['worst'])} | "
                              f"{_mean_ci(o['dpo']['worst'])} | {_ci(o['diff'])} | {_t(o['diff'])} | "
                              f"{o['diff']['reading']} |")
+        if "partial - full" in summary["tuned"]:
+            d = summary["tuned"]["partial - full"]["label_free"]
+            lines.append(f"| partial - full (interaction; not preregistered) | label-free | | | {_ci(d)} | {_t(d)} | "
+                         f"{d['reading']} |")
         lines.append("")
-        for c, block in summary["tuned"].items():
+        for c in summary["coverages"]:
             for m in ("hypo", "dpo"):
                 lines.append(f"- {c}, {m} label-free choices (runs): " + ", ".join(
-                    f"{k} ({v})" for k, v in block["label_free"][f"{m}_choices"].items()))
+                    f"{k} ({v})" for k, v in summary["tuned"][c]["label_free"][f"{m}_choices"].items()))
         lines += ["", "## Matched reverse KL", "",
                   f"{PRIMARY_DPO} against each constant-rate HyPO setting where both runs of a (world, seed) reach "
                   "the level (values interpolated along each run's trajectory at its first crossing). Off-range: "
