@@ -275,7 +275,11 @@ def test_report_from_run_files(tmp_path):
     assert summary["break_away"]["dpo-b0.1"]["partial"]["reached"] == 0
     assert summary["break_away"]["dpo-b0.1"]["partial"]["final_kl_median"] == pytest.approx(8.0)
     assert summary["break_away"]["hypo-kl0.01"]["partial"]["runs"] == 4
-    assert "## Primary endpoint" in (tmp_path / "summary.md").read_text()
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Primary endpoint" in text
+    # the recipes' last column is hypo-kl0.01 - this recipe: its reading names them, not the methods
+    assert "| dpo-b0.1 | final | 0.200 [0.200, 0.200] |" in text
+    assert "| +0.600 [+0.600, +0.600] | hypo-kl0.01 ahead |" in text
     assert json.loads((tmp_path / "summary.json").read_text())["runs"] == 8
 
 

@@ -367,6 +367,12 @@ def analyse(out: Path) -> dict[str, Any]:
 # --- markdown -----------------------------------------------------------------------------------------------------
 
 
+def _recipe_reading(text: str) -> str:
+    """A reading of PRIMARY_HYPO - this recipe, whose second term may be a HyPO setting: "HyPO ahead" names
+    PRIMARY_HYPO, "DPO ahead" says "this recipe ahead"."""
+    return text.replace("HyPO ahead", f"{PRIMARY_HYPO} ahead").replace("DPO ahead", "this recipe ahead")
+
+
 def _ci(d: dict, digits: int = 3) -> str:
     return f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
@@ -421,7 +427,8 @@ def markdown(summary: dict[str, Any]) -> str:
             for r in rows:
                 d = r["primary_hypo_minus_this"]
                 lines.append(f"| {r['setting']} | {r['rule']} | {_mean_ci(r['worst'])} | {r['ignore']:.3f} | "
-                             f"{r['kl']:.2f} | {r['off_range']:.3f} | {r['step']:.0f} | {_ci(d)} | {d['reading']} |")
+                             f"{r['kl']:.2f} | {r['off_range']:.3f} | {r['step']:.0f} | {_ci(d)} | "
+                             f"{_recipe_reading(d['reading'])} |")
             lines.append("")
         lines += ["## Equal tuning budget: each method's pick", "",
                   "Label-free: every setting of the method stopped at the KL budget, then the checkpoint that spends "
