@@ -152,11 +152,13 @@ def recipe_values(grid: Grid, coverage: str, setting: str, rule: str, metric: st
     return _table(grid, coverage, setting, value)
 
 
-def compare(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """a - b, paired by world and seed: hierarchical bootstrap, the t-interval over worlds, and the reading."""
+def compare(a: np.ndarray, b: np.ndarray, seed: int = 0, *, ahead: str = "HyPO", behind: str = "DPO") -> dict[str, Any]:
+    """a - b, paired by world and seed: hierarchical bootstrap, the t-interval over worlds, and the reading (which
+    names a `ahead` and b `behind`)."""
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     boot = hierarchical_bootstrap(diff, seed=seed)
-    return {**boot, "t": world_t_interval(diff), "reading": reading(boot["low"], boot["high"]),
+    return {**boot, "t": world_t_interval(diff), "reading": reading(boot["low"], boot["high"], ahead=ahead,
+                                                                      behind=behind),
             "per_world": [float(np.nanmean(row)) if np.any(~np.isnan(row)) else float("nan") for row in diff]}
 
 
@@ -196,7 +198,8 @@ def recipes(grid: Grid) -> dict[str, list[dict[str, Any]]]:
                 rows.append({"setting": setting, "rule": rule, "worst": describe(values),
                              **{m: float(np.nanmean(recipe_values(grid, c, setting, rule, m)))
                                 for m in ("ignore", "kl", "off_range", "step")},
-                             "primary_hypo_minus_this": compare(anchor, values)})
+                             "primary_hypo_minus_this": compare(anchor, values, ahead=PRIMARY_HYPO,
+                                                                behind="this recipe")})
         out[c] = rows
     return out
 
@@ -218,7 +221,7 @@ def tuned_picks(grid: Grid) -> dict[str, Any]:
             kls, chosen = np.full_like(values, np.nan), defaultdict(int)
             for w in range(len(grid.worlds)):
                 for s in range(len(grid.seeds)):
-                    trajs = [grid.runs[(c, n)][w][s] for n in names if (c, n) in grid.runs]
+                    trajs = [grid.runs[(c, n)][w][s] for n in names]
                     if not trajs or any(t is None for t in trajs) or np.isnan(budgets[w, s]):
                         continue
                     k, i = pick_within_budget([t.kl for t in trajs], float(budgets[w, s]))
@@ -294,7 +297,7 @@ def break_away(grid: Grid, setting: str = PRIMARY_DPO) -> dict[str, Any]:
     out: dict[str, Any] = {}
     per = {}
     for c in grid.coverages:
-        if not grid.runs.get((c, setting)):
+        if (c, setting) not in grid.runs:  # a key holds at least one run (load_grid)
             continue
         per[c] = {"step": _table(grid, c, setting, lambda t, b: interpolate_step(t.steps, t.kl, BREAK_AWAY_KL)),
                   "final_kl": _table(grid, c, setting, lambda t, b: t.kl[-1]),
@@ -303,9 +306,6 @@ def break_away(grid: Grid, setting: str = PRIMARY_DPO) -> dict[str, Any]:
                   "final_ignore": _table(grid, c, setting, lambda t, b: t.ignore[-1]),
                   "best_ignore": _table(grid, c, setting, lambda t, b: max(t.ignore))}
         final_kl = per[c]["final_kl"]
-        if np.isnan(final_kl).all():
-            del per[c]
-            continue
         out[c] = {"runs": int((~np.isnan(final_kl)).sum()),
                   "reached": int((~np.isnan(per[c]["step"])).sum()),
                   "final_kl_over_100": int((final_kl > 100).sum()),
@@ -367,12 +367,6 @@ def analyse(out: Path) -> dict[str, Any]:
 # --- markdown -----------------------------------------------------------------------------------------------------
 
 
-def _recipe_reading(text: str) -> str:
-    """A reading of PRIMARY_HYPO - this recipe, whose second term may be a HyPO setting: "HyPO ahead" names
-    PRIMARY_HYPO, "DPO ahead" says "this recipe ahead"."""
-    return text.replace("HyPO ahead", f"{PRIMARY_HYPO} ahead").replace("DPO ahead", "this recipe ahead")
-
-
 def _ci(d: dict, digits: int = 3) -> str:
     return f"{d['estimate']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
 
@@ -428,7 +422,7 @@ def markdown(summary: dict[str, Any]) -> str:
                 d = r["primary_hypo_minus_this"]
                 lines.append(f"| {r['setting']} | {r['rule']} | {_mean_ci(r['worst'])} | {r['ignore']:.3f} | "
                              f"{r['kl']:.2f} | {r['off_range']:.3f} | {r['step']:.0f} | {_ci(d)} | "
-                             f"{_recipe_reading(d['reading'])} |")
+                             f"{d['reading']} |")
             lines.append("")
         lines += ["## Equal tuning budget: each method's pick", "",
                   "Label-free: every setting of the method stopped at the KL budget, then the checkpoint that spends "
